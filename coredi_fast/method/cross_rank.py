@@ -9,6 +9,8 @@ initialized process group (or with one rank) it is the identity and costs nothin
 torch's own `nn.SyncBatchNorm` does this on GPUs only (it refuses CPU tensors), hence this small module, which also
 works with gloo on CPU.
 """
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,7 +26,11 @@ def cross_rank_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    # Deprecated in recent torch in favour of functional collectives, which have no autograd for all_reduce; it is
+    # still the differentiable all-reduce on torch 2.11-2.14.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
