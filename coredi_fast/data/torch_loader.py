@@ -1,0 +1,175 @@
+"""The PyTorch loader (runs everywhere), and `build_loader`, which picks DALI or this one.
+
+Every loader of `coredi_fast.data` yields, per training step, this rank's batch as a dict:
+
+    image          uint8   (b, C, H, W)   decoded pixels
+    label          int64   (b,)
+    index          int64   (b,)           dataset indices (tests, feature-map pictures)
+    moments        float32 (b, 2C', h, w) VAE posterior moments in `loader.moments_layout` (absent in pixel space)
+    encoder_input  float32 (b, 3, R, R)   only with encoder_resolution=R: `encoder_input.encoder_input(image, R)`
+
+on `loader.device`. Iterating a loader runs the rest of the current epoch (a fresh epoch after the previous one
+ended); `loader.state_dict()` is the position after the last batch *handed out*, for exact resume.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .encoder_input import encoder_input
+from .sampler import ShardedSampler
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "dali")
+
+
+def decode_image_bytes(data: np.ndarray) -> torch.Tensor:
+    """PNG/JPEG file bytes uint8 (L,) → RGB pixels uint8 (3, H, W) (torchvision's libpng/libjpeg-turbo decoders)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.from_numpy(np.ascontiguousarray(data)), mode=ImageReadMode.RGB)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Map-style view of a data set whose items are whole batches: `reader[indices]` → the batch dict on the CPU.
+
+    One call per batch keeps the inter-process traffic to one message per step.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: np.ndarray) -> dict:
+        samples = [self.dataset.read(int(i)) for i in indices]
+        if self.dataset.encoded:
+            images = torch.stack([decode_image_bytes(s.image) for s in samples])
+        else:
+            images = torch.from_numpy(np.stack([s.image for s in samples]))
+        batch = {"image": images,
+                 "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
+                 "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+        if self.dataset.has_moments:
+            batch["moments"] = torch.from_numpy(np.stack([s.moments for s in samples]).astype(np.float32, copy=False))
+        return batch
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} was asked for but CUDA is not available")
+    return device
+
+
+class TorchLoader:
+    """A `torch.utils.data.DataLoader` driven by a ShardedSampler, delivering the batch dict (module docstring).
+
+    Args:
+        dataset:            ShardedImageDataset, RepaFolderDataset or DigitsDataset (anything with `read(i)`).
+        sampler:            the ShardedSampler giving this rank's indices per step.
+        num_workers:        decoding processes (0: in this process). Workers persist across epochs.
+        device:             where batches are delivered (default: the current CUDA device, else CPU). On CUDA
+                            host memory is pinned and copies are asynchronous.
+        encoder_resolution: R to also deliver `encoder_input` (computed on `device`), or None.
+        prefetch_factor:    batches each worker prepares ahead.
+    """
+
+    backend = "torch"
+
+    def __init__(self, dataset, sampler: ShardedSampler, *, num_workers: int = 4,
+                 device: Union[str, torch.device, None] = None, encoder_resolution: Optional[int] = None,
+                 prefetch_factor: int = 2):
+        if not isinstance(sampler, ShardedSampler):
+            raise TypeError(f"sampler must be a ShardedSampler, got {type(sampler).__name__}")
+        if sampler.num_samples != len(dataset):
+            raise ValueError(f"sampler.num_samples={sampler.num_samples} but the data set has {len(dataset)} samples")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if encoder_resolution is not None and (not isinstance(encoder_resolution, int) or encoder_resolution < 1):
+            raise ValueError(f"encoder_resolution must be a positive int or None, got {encoder_resolution!r}")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.device = _resolve_device(device)
+        self.encoder_resolution = encoder_resolution
+        self.moments_layout = dataset.moments_layout
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+        self._loader = DataLoader(_BatchReader(dataset), sampler=sampler, batch_size=None, num_workers=num_workers,
+                                  pin_memory=self.device.type == "cuda", **extra)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self._loader is None:
+            raise RuntimeError("this TorchLoader was closed")
+        for batch in self._loader:
+            if self.device.type != "cpu":
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if self.encoder_resolution is not None:
+                batch["encoder_input"] = encoder_input(batch["image"], self.encoder_resolution)
+            self.sampler.advance()
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        self._loader = None
+
+
+def build_loader(dataset, *, global_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 drop_last: bool = True, num_workers: int = 4, device: Union[str, torch.device, None] = None,
+                 encoder_resolution: Optional[int] = None, backend: str = "auto", **backend_kwargs):
+    """A loader over `dataset` for this rank, DALI when it can help, else PyTorch.
+
+    backend: "auto" picks DALI when it is installed, a GPU is the target and the data set holds encoded images
+             (DALI's gain is GPU decoding); "torch" / "dali" force one (DALI runs on CPU too, with device="cpu").
+             The choice and the reason are logged.
+    num_workers: torch: decoding processes; DALI: its CPU threads (`num_threads`).
+    backend_kwargs: extra arguments of TorchLoader or DaliLoader (e.g. prefetch_queue_depth, py_num_workers).
+    Returns a TorchLoader or DaliLoader (same iteration contract; see the module docstring).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    sampler = ShardedSampler(len(dataset), global_batch_size, rank=rank, world_size=world_size, seed=seed,
+                             drop_last=drop_last)
+    target = _resolve_device(device)
+    if backend == "auto":
+        from .dali_loader import dali_available
+
+        if not dali_available():
+            backend, reason = "torch", "nvidia.dali is not installed"
+        elif target.type != "cuda":
+            backend, reason = "torch", f"the target device is {target} (DALI helps by decoding on the GPU)"
+        elif not dataset.encoded:
+            backend, reason = "torch", "the data set holds raw pixels (nothing to decode)"
+        else:
+            backend, reason = "dali", f"DALI is installed and decodes on {target}"
+    else:
+        reason = "asked for"
+    logger.info("data loader: %s (%s)", backend, reason)
+    if backend == "dali":
+        from .dali_loader import DaliLoader
+
+        return DaliLoader(dataset, sampler, device=target, num_threads=max(1, num_workers),
+                          encoder_resolution=encoder_resolution, **backend_kwargs)
+    return TorchLoader(dataset, sampler, num_workers=num_workers, device=target,
+                       encoder_resolution=encoder_resolution, **backend_kwargs)
