@@ -360,3 +360,16 @@ def test_bf16_weights_run_without_autocast():
         got = model.to(torch.bfloat16)(x.bfloat16(), t, y)
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_forward_tokens_equals_forward_on_embedded_input():
+    from coredi_fast.models import create_model
+
+    model = create_model("SiT-Micro/2", input_size=8, in_channels=3, num_classes=5, learn_sigma=True).eval()
+    for p in model.parameters():  # adaLN-Zero would hide a wrong path: randomize everything
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 4])
+    tokens = model.x_embedder(x) + model.pos_embed
+    torch.testing.assert_close(model.forward_tokens(tokens, t, y), model(x, t, y))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model.forward_tokens(tokens[:, :-1], t, y)

@@ -145,6 +145,7 @@ class SiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.patch_size = patch_size
         self.num_heads = num_heads
+        self.hidden_size = hidden_size
         self.num_classes = num_classes
         self.input_size = input_size
         self.encoder_depth = encoder_depth
@@ -224,9 +225,13 @@ class SiT(nn.Module):
             raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
         return t
 
-    def _run(self, x, t, y, force_drop_ids, with_projections: bool):
-        t = self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed                                 # (B, T, D)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus position: x (B, C, H, W) -> tokens (B, T, D). A fused op (the CoReDi joint
+        embedding of `coredi_kernels`) may produce these tokens directly and call `forward_tokens`."""
+        return self.x_embedder(x) + self.pos_embed
+
+    def _run(self, tokens, t, y, force_drop_ids, with_projections: bool):
+        x = tokens                                                              # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         zs = []
         for i, block in enumerate(self.blocks):
@@ -239,25 +244,41 @@ class SiT(nn.Module):
         x = self.final_layer(x, c)                                              # (B, T, p * p * C_out)
         return self.unpatchify(x), zs                                           # (B, C_out, H, W)
 
+    def _split_sigma(self, out, return_sigma: bool):
+        if return_sigma and not self.learn_sigma:
+            raise ValueError("return_sigma=True needs a model built with learn_sigma=True")
+        if not self.learn_sigma:
+            return out
+        prediction, sigma = out.chunk(2, dim=1)
+        return (prediction, sigma) if return_sigma else prediction
+
     def forward(self, x, t, y, force_drop_ids=None, return_sigma: bool = False):
         """x (B, C, H, W), t (B,) or scalar, y (B,) long (y == num_classes: the null class) -> (B, C, H, W).
 
         force_drop_ids: (B,), 1 where the label is replaced by the null class, in any mode (public DiT's hook).
         return_sigma: with learn_sigma, return the pair (prediction, sigma channels), each (B, C, H, W).
         """
-        if return_sigma and not self.learn_sigma:
-            raise ValueError("return_sigma=True needs a model built with learn_sigma=True")
-        out, _ = self._run(x, t, y, force_drop_ids, with_projections=False)
-        if not self.learn_sigma:
-            return out
-        prediction, sigma = out.chunk(2, dim=1)
-        return (prediction, sigma) if return_sigma else prediction
+        t = self._check_inputs(x, t, y)
+        out, _ = self._run(self.embed(x), t, y, force_drop_ids, with_projections=False)
+        return self._split_sigma(out, return_sigma)
+
+    def forward_tokens(self, tokens, t, y, force_drop_ids=None, return_sigma: bool = False):
+        """Like `forward`, from already embedded tokens (B, T, D) = `self.embed(x)`."""
+        B, T, D = tokens.shape
+        if T != self.x_embedder.num_patches or D != self.hidden_size:
+            raise ValueError(f"tokens must be (B, {self.x_embedder.num_patches}, {self.hidden_size}), "
+                             f"got {tuple(tokens.shape)}")
+        if t.ndim == 0:
+            t = t.expand(B)
+        out, _ = self._run(tokens, t, y, force_drop_ids, with_projections=False)
+        return self._split_sigma(out, return_sigma)
 
     def forward_with_projections(self, x, t, y, force_drop_ids=None):
         """REPA's forward: (prediction (B, C, H, W), [projector output (B, T, z_dim) for each projector])."""
         if not hasattr(self, "projectors"):
             raise ValueError("this model has no REPA projectors: build it with projector_dims=[...]")
-        out, zs = self._run(x, t, y, force_drop_ids, with_projections=True)
+        t = self._check_inputs(x, t, y)
+        out, zs = self._run(self.embed(x), t, y, force_drop_ids, with_projections=True)
         prediction = out[:, : self.in_channels] if self.learn_sigma else out
         return prediction, zs
 
