@@ -45,12 +45,14 @@ def vae_hub_weights(repo_id: str) -> HubWeights:
 
 @torch.no_grad()
 def sample_posterior(moments: torch.Tensor, *, layout: str = "mean_std", scale: float = SD_VAE_SCALE,
-                     shift: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     shift: float = 0.0, generator: Optional[torch.Generator] = None,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draws a scaled latent from stored moments: (mean + std·ε − shift)·scale, ε ~ N(0, I). No VAE needed.
 
     moments: (B, 2C, h, w) in `layout` ("mean_std" or "mean_logvar"; a log-variance is clamped to [−30, 20] as
     diffusers does). generator: optional; ε is drawn on the generator's device, then moved to the moments' device,
-    so a CPU generator gives the same latents on any device.
+    so a CPU generator gives the same latents on any device. noise: ε itself (B, C, h, w), e.g. drawn for the global
+    batch and sliced per rank (then `generator` is unused).
     Returns float32 (B, C, h, w).
     """
     if layout not in MOMENTS_LAYOUTS:
@@ -60,8 +62,11 @@ def sample_posterior(moments: torch.Tensor, *, layout: str = "mean_std", scale: 
         raise ValueError(f"moments must be a (B, 2C, h, w) tensor, got {shape}")
     mean, second = moments.float().chunk(2, dim=1)
     std = second if layout == "mean_std" else torch.exp(0.5 * second.clamp(*LOGVAR_RANGE))
-    noise_device = generator.device if generator is not None else mean.device
-    noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+    if noise is None:
+        noise_device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+    elif noise.shape != mean.shape:
+        raise ValueError(f"noise must have shape {tuple(mean.shape)} like the posterior mean, got {tuple(noise.shape)}")
     return (mean + std * noise - shift) * scale
 
 

@@ -71,11 +71,13 @@ class ObjectiveConfig:
 
 class JointNoise(NamedTuple):
     """The random draws of one training step. t: (B,); noise_x: (B, C, H, W); noise_z: (B, d, H, W) or None;
-    feature_keep: (B,) bool (False = feature dropout for that sample) or None."""
+    feature_keep: (B,) bool (False = feature dropout for that sample) or None; label_drop: (B,) long, 1 where the
+    class label is replaced by the null class (classifier-free guidance training), or None (the model decides)."""
     t: torch.Tensor
     noise_x: torch.Tensor
     noise_z: Optional[torch.Tensor]
     feature_keep: Optional[torch.Tensor]
+    label_drop: Optional[torch.Tensor] = None
 
     def slice(self, start: int, stop: int) -> "JointNoise":
         """Rows [start, stop): one rank's part of draws made for the global batch."""
@@ -116,8 +118,10 @@ class JointDiffusionObjective(nn.Module):
         return self.config.image_channels + self.feature_channels
 
     def draw_noise(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None,
-                   dtype=torch.float32) -> JointNoise:
-        """Draw t, eps_x, eps_z and the feature-dropout mask for `batch_size` samples (from `generator`)."""
+                   dtype=torch.float32, label_dropout: float = 0.0) -> JointNoise:
+        """Draw t, eps_x, eps_z, the feature-dropout mask and (with label_dropout > 0) the label-dropout mask for
+        `batch_size` samples, all from `generator`. Drawing the label dropout here rather than inside the model
+        makes a run reproducible across world sizes (the model's own dropout uses the global RNG)."""
         c = self.config
         t = sample_time(batch_size, c.time_sampling, mean=c.time_mean, std=c.time_std, device=device,
                         generator=generator)
@@ -130,7 +134,10 @@ class JointDiffusionObjective(nn.Module):
             drop = self.projector.config.feature_dropout
             if drop > 0:
                 keep = torch.rand(batch_size, device=device, generator=generator) >= drop
-        return JointNoise(t, noise_x, noise_z, keep)
+        label_drop = None
+        if label_dropout > 0:
+            label_drop = (torch.rand(batch_size, device=device, generator=generator) < label_dropout).long()
+        return JointNoise(t, noise_x, noise_z, keep, label_drop)
 
     def forward(self, model: nn.Module, x: torch.Tensor, features: Optional[torch.Tensor], y: torch.Tensor,
                 noise: Optional[JointNoise] = None, generator: Optional[torch.Generator] = None) -> ObjectiveOutput:
@@ -166,7 +173,10 @@ class JointDiffusionObjective(nn.Module):
             reg_loss = out.reg_loss
             logs.update(out.stats)
 
-        pred = model(x_t, noise.t, y)
+        if noise.label_drop is not None:
+            pred = model(x_t, noise.t, y, force_drop_ids=noise.label_drop)
+        else:
+            pred = model(x_t, noise.t, y)
         if c.prediction == "x":
             pred = velocity_from_x_prediction(pred, x_t, noise.t, clamp=c.x_pred_clamp)
         losses = joint_velocity_loss(pred, target, c.image_channels, feature_weight=c.feature_weight,
