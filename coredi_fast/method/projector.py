@@ -322,7 +322,10 @@ class FeatureProjector(nn.Module):
             projected = standardized @ self.weight.float()                             # (B, L, d)
             normalized = self._normalize(projected)
             z = normalized * config.feature_scale if config.feature_scale != 1.0 else normalized
-            reg_loss, stats = self._regularize(normalized, standardized)
+            if self.training:
+                reg_loss, stats = self._regularize(normalized, standardized)
+            else:  # the regularizer is a training loss; in eval (monitors, pictures) skip it and its collectives
+                reg_loss, stats = normalized.new_zeros(()), {}
             prenorm_std = projected.detach().reshape(-1, config.dim).std(dim=0)
             stats["prenorm_std_mean"] = prenorm_std.mean()
             stats["prenorm_std_min"] = prenorm_std.min()

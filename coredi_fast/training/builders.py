@@ -1,0 +1,113 @@
+"""Build a run's parts from its `TrainConfig`: the data set, the frozen encoder, the feature statistics, the
+projector + objective and the denoiser. Every mismatch between parts (channels, grids, dimensions) is caught here,
+before training starts, with a message naming the config field to change."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..method import FeatureProjector, FeatureStatistics, JointDiffusionObjective, check_feature_grid
+from ..models import create_model
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_dataset(cfg: TrainConfig):
+    d = cfg.data
+    if d.source == "digits":
+        from ..data import DigitsDataset
+
+        return DigitsDataset(image_size=d.image_size, channels=d.channels, split="train")
+    path = Path(d.path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path does not exist: {path}")
+    if d.source == "shards":
+        from ..data import ShardedImageDataset
+
+        return ShardedImageDataset(path)
+    from ..data import RepaFolderDataset
+
+    return RepaFolderDataset(path)
+
+
+def image_stream_shape(dataset) -> tuple[int, int]:
+    """(channels, side) of what the denoiser diffuses: VAE latents when the data set stores moments, else pixels."""
+    if dataset.has_moments:
+        c2, h, w = dataset.moments_shape
+        if h != w:
+            raise ValueError(f"latents must be square, the data set's moments are {h}x{w}")
+        return c2 // 2, h
+    return dataset.channels, dataset.image_size
+
+
+def build_encoder(cfg: TrainConfig, device: torch.device) -> Optional[nn.Module]:
+    """The frozen semantic encoder, or None in no-feature mode (plain SiT)."""
+    if cfg.method.projector.mode == "none":
+        return None
+    e = cfg.encoder
+    if e.name == "digits":
+        from ..encoders.digits_vit import DEFAULT_WEIGHTS, DigitsEncoder
+
+        encoder = DigitsEncoder(e.weights or DEFAULT_WEIGHTS)
+        if encoder.vit.config.in_channels != cfg.data.channels:
+            raise ValueError(f"data.channels={cfg.data.channels} but the digits encoder takes "
+                             f"{encoder.vit.config.in_channels}-channel images")
+    else:
+        from ..encoders import DINOv2Encoder
+
+        dtype = torch.bfloat16 if e.dtype == "bf16" and device.type == "cuda" else None
+        encoder = DINOv2Encoder(e.name, weights=e.weights or "hub", img_size=e.resolution, dtype=dtype)
+    if encoder.embed_dim != cfg.method.projector.feature_dim:
+        raise ValueError(f"method.projector.feature_dim={cfg.method.projector.feature_dim} but encoder {e.name!r} "
+                         f"gives {encoder.embed_dim}-d tokens")
+    return encoder.to(device)
+
+
+def build_objective(cfg: TrainConfig, image_channels: int, image_size: int, encoder: Optional[nn.Module],
+                    statistics: Optional[FeatureStatistics]) -> JointDiffusionObjective:
+    projector = FeatureProjector(cfg.method.projector, statistics)
+    tokens = encoder.num_tokens if encoder is not None else None
+    if tokens is not None:
+        try:
+            check_feature_grid(tokens, image_size)
+        except ValueError as e:
+            raise ValueError(f"encoder grid vs image grid: {e} (change encoder.resolution or the data's image size)")
+    return JointDiffusionObjective(projector, cfg.objective_config(image_channels, image_size), tokens)
+
+
+def build_denoiser(cfg: TrainConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    m = cfg.model
+    return create_model(m.name, input_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                        learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
+                        grad_checkpointing=m.grad_checkpointing, **m.overrides)
+
+
+@torch.no_grad()
+def compute_feature_statistics(encoder: nn.Module, batches, feature_dim: int, num_batches: int) -> FeatureStatistics:
+    """Streaming mean/std/PCA of the encoder's tokens over `num_batches` batches (this rank's); merge across ranks
+    with `merge_statistics`."""
+    stats = FeatureStatistics(feature_dim)
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        stats.update(encoder(batch["image"]).float())
+    return stats
+
+
+def merge_statistics(stats: FeatureStatistics) -> FeatureStatistics:
+    """Combine every rank's statistics (exact, float64) so all ranks hold the same ones."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: v.cpu() if torch.is_tensor(v) else v for k, v in stats.state_dict().items()})
+    merged = FeatureStatistics.from_state_dict(gathered[0])
+    for state in gathered[1:]:
+        merged.merge(FeatureStatistics.from_state_dict(state))
+    return merged

@@ -1,0 +1,457 @@
+"""The training run: `run(cfg)` builds everything from a `TrainConfig`, trains, and writes what a user looks at.
+
+Each step:
+    batch   = next(loader)                                   this rank's slice of the global batch
+    x       = VAE latent sampled from the stored moments, or pixels in [-1, 1]
+    f       = encoder(images)                                frozen, no_grad (bf16 on GPU, as the paper runs it)
+    noise   = draws for the *global* batch from a generator seeded by (seed, step), sliced to this rank
+    loss    = objective(denoiser, x, f, y, noise)            projector + joint loss + regularizer
+    backward, clip, step, EMA
+
+Because every random draw depends only on (seed, step) and the data order only on (seed, epoch), a run is the same
+on 1 or N processes (same global batch) and after a resume. Rank 0 writes: metrics.jsonl (+ TensorBoard), sample
+grids, the feature-space picture, checkpoints, and a loss-curve plot at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
+                       image_stream_shape, merge_statistics)
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, parse_step_window
+from .distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
+from .ema import EMA
+from .engine import TrainModule, build_engine, build_optimizer
+from .metrics import MetricsLogger
+
+logger = logging.getLogger("coredi_fast.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    # One stream per (seed, step): independent of world size, resumable, untouched by sampling or logging.
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def _rank_slice(dist: DistInfo, global_batch: int) -> tuple[int, int]:
+    local = global_batch // dist.world_size
+    return dist.rank * local, (dist.rank + 1) * local
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist: DistInfo, ds_config: Optional[dict] = None):
+        self.cfg, self.dist = cfg, dist
+        self.device = dist.device
+        self.out = Path(cfg.run.out_dir)
+        if cfg.data.global_batch_size % dist.world_size:
+            raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by the "
+                             f"{dist.world_size} processes")
+        if dist.is_main:
+            for sub in ("checkpoints", "samples"):
+                (self.out / sub).mkdir(parents=True, exist_ok=True)
+        barrier()
+
+        # ---- data
+        from ..data import build_loader
+
+        self.dataset = build_dataset(cfg)
+        self.image_channels, self.image_size = image_stream_shape(self.dataset)
+        self.latent_space = bool(self.dataset.has_moments)
+        self.loader = build_loader(self.dataset, global_batch_size=cfg.data.global_batch_size, rank=dist.rank,
+                                   world_size=dist.world_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                                   device=self.device, backend=cfg.data.loader)
+
+        # ---- frozen encoder, feature statistics, objective, denoiser
+        self.encoder = build_encoder(cfg, self.device)
+        statistics = self._feature_statistics()
+        self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics)
+        self.denoiser = build_denoiser(cfg, self.objective.model_channels, self.image_size,
+                                       self.dataset.num_classes)
+        self.module = TrainModule(self.denoiser, self.objective).to(self.device)
+        if cfg.model.compile == "blocks":
+            for block in self.denoiser.blocks:
+                block.compile()
+        elif cfg.model.compile == "model":
+            self.denoiser.compile()
+
+        # ---- optimizer, engine, EMA
+        o = cfg.optim
+        groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr": o.lr,
+                   "weight_decay": o.weight_decay, "name": "denoiser"}]
+        groups += self.objective.projector.param_groups(o.lr, o.weight_decay)
+        optimizer = build_optimizer(groups, o.lr, o.betas, o.weight_decay, o.eps, self.device)
+        self.engine = build_engine(self.module, optimizer, dist, cfg.run.precision, o.grad_clip, ds_config)
+        self.ema = EMA(self.denoiser, o.ema_decay)
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.metrics = MetricsLogger(self.out, dist.is_main, cfg.run.tensorboard)
+        self.feature_vis = None
+        self._vae = None
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _feature_statistics(self):
+        cfg = self.cfg
+        if self.encoder is None:
+            return None
+        from ..method import FeatureStatistics
+
+        if cfg.encoder.statistics:
+            return FeatureStatistics.load(cfg.encoder.statistics)
+        cached = self.out / "feature_stats.pt"
+        if cached.is_file():
+            return FeatureStatistics.load(cached)
+        # A pass over the first batches of a separate, seeded order (does not move the training data position).
+        from ..data import build_loader
+
+        loader = build_loader(self.dataset, global_batch_size=cfg.data.global_batch_size, rank=self.dist.rank,
+                              world_size=self.dist.world_size, seed=cfg.run.seed + 7919,
+                              num_workers=cfg.data.num_workers, device=self.device, backend=cfg.data.loader)
+        stats = compute_feature_statistics(self.encoder, loader, self.encoder.embed_dim,
+                                           min(cfg.encoder.statistics_batches, loader.steps_per_epoch))
+        loader.close()
+        stats = merge_statistics(stats)
+        if self.dist.is_main:
+            stats.save(cached)
+            logger.info("feature statistics: %d tokens -> %s", int(stats.count), cached)
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _payload(self) -> dict:
+        return {
+            "model": self.denoiser.state_dict(),
+            "ema": self.ema.state_dict(),
+            "projector": self.objective.projector.state_dict(),
+            "optimizer": self.engine.optimizer_state() if self.engine.kind != "deepspeed" else None,
+            "rng": rng_state(),
+            "data": self.loader.state_dict(),
+            "counters": {"skipped_steps": self.skipped_steps},
+            "feature_vis": self.feature_vis.state_dict() if self.feature_vis is not None else None,
+            "config": self.cfg.to_dict(),
+            "model_config": dict(self.denoiser.config),
+        }
+
+    def save(self) -> Optional[Path]:
+        path = None
+        if self.engine.kind == "deepspeed":  # ZeRO: each rank saves its optimizer partition
+            part = self.out / "checkpoints" / f"step-{self.step:07d}.optim-rank{self.dist.rank}.pt"
+            from .checkpoint import atomic_torch_save
+
+            atomic_torch_save(self.engine.optimizer_state(), part)
+        barrier()
+        if self.dist.is_main:
+            path = save_checkpoint(self.out, self.step, self._payload(), keep_last=self.cfg.run.keep_checkpoints)
+            if self.engine.kind == "deepspeed":
+                for old in (self.out / "checkpoints").glob("step-*.optim-rank*.pt"):
+                    if not (self.out / "checkpoints" / (old.name.split(".optim")[0] + ".pt")).exists():
+                        old.unlink(missing_ok=True)
+        barrier()
+        return path
+
+    def resume(self) -> None:
+        r = self.cfg.run.resume
+        if r == "none":
+            return
+        path = latest_checkpoint(self.out) if r == "auto" else Path(r)
+        if path is None:
+            return
+        blob = load_checkpoint(path, map_location="cpu")
+        self.denoiser.load_state_dict(blob["model"])
+        self.ema.load_state_dict(blob["ema"])
+        self.objective.projector.load_state_dict(blob["projector"])
+        if self.engine.kind == "deepspeed":
+            part = path.with_name(f"{path.stem}.optim-rank{self.dist.rank}.pt")
+            if not part.is_file():
+                raise FileNotFoundError(f"DeepSpeed optimizer partition missing for rank {self.dist.rank}: {part} "
+                                        "(resume with the same number of processes)")
+            self.engine.load_optimizer_state(torch.load(part, map_location="cpu", weights_only=True))
+        else:
+            self.engine.load_optimizer_state(blob["optimizer"])
+        self.loader.load_state_dict(blob["data"])
+        set_rng_state(blob["rng"])
+        self.step = int(blob["step"])
+        self.skipped_steps = int(blob["counters"]["skipped_steps"])
+        self._resumed_feature_vis = blob.get("feature_vis")
+        self.metrics.truncate_after(self.step)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ one step
+
+    def _batch_inputs(self, batch: dict, gen: torch.Generator):
+        """(x, features, y) for this rank; the posterior noise is drawn for the global batch and sliced."""
+        cfg = self.cfg
+        start, stop = _rank_slice(self.dist, cfg.data.global_batch_size)
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.latent_space:
+            from ..encoders.vae import sample_posterior
+
+            moments = batch["moments"].to(self.device, non_blocking=True)
+            c, h = self.image_channels, self.image_size
+            eps = torch.randn((cfg.data.global_batch_size, c, h, h), device=self.device, generator=gen)[start:stop]
+            x = sample_posterior(moments, layout=self.loader.moments_layout, scale=cfg.vae.scale, noise=eps)
+        else:
+            x = images.float() / 127.5 - 1.0
+        features = None
+        if self.encoder is not None:
+            with torch.no_grad():
+                features = self.encoder(images)
+        return x, features, batch["label"].to(self.device, non_blocking=True)
+
+    def train_step(self, batch: dict) -> dict:
+        cfg = self.cfg
+        gen = _step_generator(cfg.run.seed, self.step, self.device)
+        x, features, y = self._batch_inputs(batch, gen)
+        noise = self.objective.draw_noise(cfg.data.global_batch_size, device=self.device, generator=gen,
+                                          label_dropout=cfg.model.class_dropout_prob)
+        noise = noise.slice(*_rank_slice(self.dist, cfg.data.global_batch_size))
+        if cfg.optim.warmup_steps:
+            self.engine.set_lr_factor(min(1.0, (self.step + 1) / cfg.optim.warmup_steps))
+        out = self.engine(x, features, y, noise)
+        finite = torch.isfinite(out.loss.detach()).float()
+        if self.dist.distributed:  # every rank must agree to skip
+            finite = all_reduce_mean(finite)
+        if finite.item() < 1.0:
+            self.engine.skip_step()
+            self.skipped_steps += 1
+            if self.skipped_steps > cfg.run.max_skipped_steps:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step}: {self.skipped_steps} steps skipped so far, more than "
+                    f"run.max_skipped_steps={cfg.run.max_skipped_steps}. Lower optim.lr, enable gradient clipping "
+                    f"(optim.grad_clip / DeepSpeed gradient_clipping) or check the data; the last good checkpoint "
+                    f"is in {self.out / 'checkpoints'}")
+            logs = dict(out.logs)
+            logs["skipped"] = torch.tensor(1.0)
+            return logs
+        self.engine.backward(out.loss)
+        grad_norm = self.engine.step()
+        self.ema.update(self.denoiser)
+        logs = dict(out.logs)
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        if out.z is not None:
+            self._last_z = out.z
+        return logs
+
+    # ------------------------------------------------------------------ pictures
+
+    def _fixed_images(self, n: int):
+        """The same n images at every snapshot (the first n of the data set), for the feature-space picture."""
+        from ..data.torch_loader import decode_image_bytes
+
+        images = []
+        for i in range(min(n, len(self.dataset))):
+            s = self.dataset.read(i)
+            img = decode_image_bytes(s.image) if self.dataset.encoded else torch.from_numpy(s.image)
+            images.append(img)
+        return torch.stack(images)
+
+    @torch.no_grad()
+    def snapshot_features(self) -> None:
+        from .visuals import FeatureEvolution
+
+        if self.encoder is None:
+            return
+        images = self._fixed_images(self.cfg.run.feature_vis_images)
+        if self.feature_vis is None:
+            vis_images = images
+            if self.latent_space is False and images.shape[1] == 1:
+                vis_images = images.repeat(1, 3, 1, 1)
+            self.feature_vis = FeatureEvolution(vis_images, self.out / "feature_evolution.png",
+                                                upscale=max(1, 128 // images.shape[-1]))
+            if getattr(self, "_resumed_feature_vis", None):
+                self.feature_vis.load_state_dict(self._resumed_feature_vis)
+        projector = self.objective.projector
+        was_training = projector.training
+        projector.eval()
+        z = projector(self.encoder(images.to(self.device))).z
+        projector.train(was_training)
+        self.feature_vis.add(self.step, z.float().cpu())
+
+    @torch.no_grad()
+    def save_samples(self) -> Path:
+        from ..sampling import decode_to_uint8, generate
+        from .visuals import save_image_grid
+
+        s = self.cfg.sample
+        model = build_denoiser(self.cfg, self.objective.model_channels, self.image_size, self.dataset.num_classes)
+        model.load_state_dict(self.ema.state_dict())
+        model.to(self.device).eval()
+        labels = torch.arange(s.num_images) % self.dataset.num_classes
+        x = generate(model, labels.to(self.device), image_channels=self.image_channels,
+                     feature_channels=self.objective.feature_channels, image_size=self.image_size,
+                     sampler=s.sampler, method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
+                     guidance_on=s.guidance_on, prediction=self.cfg.method.prediction,
+                     generator=torch.Generator().manual_seed(self.cfg.run.seed), device=self.device)
+        images = decode_to_uint8(x, self._decoder())
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        nrow = self.dataset.num_classes if s.num_images % self.dataset.num_classes == 0 else None
+        save_image_grid(images.cpu(), path, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
+        return path
+
+    def _decoder(self):
+        if not self.latent_space:
+            return None
+        if self._vae is None:
+            from ..encoders import LatentVAE
+
+            self._vae = LatentVAE(self.cfg.vae.weights, moments_layout=self.loader.moments_layout).to(self.device)
+        return self._vae
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, r = self.cfg, self.cfg.run
+        profile = parse_step_window(r.profile_steps) if r.profile_steps else None
+        progress = None
+        if self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=r.steps, initial=self.step, desc="train", dynamic_ncols=True, smoothing=0.05)
+        window_logs: dict = {}
+        window_start, window_images = time.perf_counter(), 0
+        data = iter(self.loader)
+        while self.step < r.steps:
+            try:
+                batch = next(data)
+            except StopIteration:  # next epoch
+                data = iter(self.loader)
+                batch = next(data)
+            if profile and self.step == profile[0] and self.device.type == "cuda":
+                torch.cuda.profiler.start()
+            logs = self.train_step(batch)
+            self.step += 1
+            window_images += cfg.data.global_batch_size
+            for k, v in logs.items():
+                window_logs.setdefault(k, []).append(v.detach().float())
+            if profile and self.step == profile[1] and self.device.type == "cuda":
+                torch.cuda.profiler.stop()
+
+            if r.log_every and (self.step % r.log_every == 0 or self.step == r.steps):
+                values = {k: torch.stack(v).mean() for k, v in window_logs.items()}
+                values = {k: float(all_reduce_mean(v)) for k, v in values.items()}
+                elapsed = time.perf_counter() - window_start
+                values["img_per_s"] = window_images / max(elapsed, 1e-9)
+                values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+                values["skipped_steps"] = self.skipped_steps
+                if self.objective.projector.config.mode == "learned" and getattr(self, "_last_z", None) is not None:
+                    values.update({f"proj/{k}": v for k, v in self.objective.projector.diagnostics(
+                        self._last_z).items()})
+                self.metrics.log(self.step, values)
+                if progress is not None:
+                    shown = {k: f"{values[k]:.4f}" for k in ("loss", "loss_image", "loss_feature", "loss_reg")
+                             if k in values}
+                    shown["img/s"] = f"{values['img_per_s']:.0f}"
+                    progress.set_postfix(shown, refresh=False)
+                window_logs, window_start, window_images = {}, time.perf_counter(), 0
+            if progress is not None:
+                progress.update(1)
+            if r.feature_vis_every and (self.step % r.feature_vis_every == 0 or self.step == 1):
+                if self.dist.is_main:
+                    self.snapshot_features()
+            if cfg.sample.every and self.step % cfg.sample.every == 0 and self.dist.is_main:
+                self.save_samples()
+            if r.ckpt_every and self.step % r.ckpt_every == 0:
+                self.save()
+        if progress is not None:
+            progress.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Final checkpoint, samples, feature picture and loss curves; returns (and prints) where they are."""
+        written = {}
+        last = latest_checkpoint(self.out)
+        if last is None or not last.name.endswith(f"{self.step:07d}.pt"):
+            self.save()
+        if self.dist.is_main:
+            from .visuals import plot_loss_curves
+
+            written["checkpoint"] = str(latest_checkpoint(self.out))
+            if self.encoder is not None:
+                if self.feature_vis is None or self.feature_vis.steps[-1] != self.step:
+                    self.snapshot_features()
+                written["feature_evolution"] = str(self.feature_vis.path)
+            written["samples"] = str(self.save_samples())
+            self.metrics.close()
+            if self.metrics.path.exists() and self.metrics.path.stat().st_size:
+                written["loss_curves"] = str(plot_loss_curves(self.metrics.path, self.out / "loss_curves.png"))
+            written["metrics"] = str(self.metrics.path)
+            if self.metrics.tensorboard_dir is not None:
+                written["tensorboard"] = str(self.metrics.tensorboard_dir)
+            (self.out / "outputs.json").write_text(json.dumps(written, indent=2) + "\n")
+            print(f"\nDone: {self.step} steps ({self.skipped_steps} skipped). Everything is in {self.out}/:")
+            for key, path in written.items():
+                print(f"  {key:18s} {path}")
+        else:
+            self.metrics.close()
+        barrier()
+        return written
+
+
+def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
+    """Read the DeepSpeed json and reconcile it with the run's config (batch sizes filled in; conflicts fail)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--ds_config file not found: {p}")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: invalid JSON: {e}") from None
+    global_batch = cfg.data.global_batch_size
+    expected = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // world_size,
+                "gradient_accumulation_steps": 1}
+    for key, value in expected.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif int(ds[key]) != value:
+            raise ValueError(f"{p}: {key}={ds[key]} conflicts with data.global_batch_size={global_batch} on "
+                             f"{world_size} processes (expected {value}; set it to \"auto\")")
+    if "gradient_clipping" not in ds:
+        raise ValueError(f"{p}: set \"gradient_clipping\" explicitly (DeepSpeed silently defaults it to 1.0; use 0.0 "
+                         "for none, as ReDi trains)")
+    if cfg.optim.grad_clip and float(ds["gradient_clipping"]) != cfg.optim.grad_clip:
+        raise ValueError(f"{p}: gradient_clipping={ds['gradient_clipping']} but optim.grad_clip={cfg.optim.grad_clip};"
+                         " with DeepSpeed the json decides: leave optim.grad_clip at 0")
+    if cfg.run.precision == "fp32":
+        ds.setdefault("torch_autocast", {})["enabled"] = False
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def run(cfg: TrainConfig, ds_config_path: Optional[str] = None, local_rank: Optional[int] = None) -> dict:
+    """Train as configured; returns {what: path} of everything written."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dist = setup_distributed(cfg.run.device, use_deepspeed=ds_config_path is not None, local_rank_arg=local_rank)
+    try:
+        torch.manual_seed(cfg.run.seed + dist.rank)
+        ds_config = load_ds_config(ds_config_path, cfg, dist.world_size) if ds_config_path else None
+        if dist.is_main:
+            Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (Path(cfg.run.out_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(f"coredi_fast: {dist.launcher} on {dist.world_size} process(es), device {dist.device}; "
+                  f"writing to {cfg.run.out_dir}", flush=True)
+        trainer = Trainer(cfg, dist, ds_config)
+        trainer.resume()
+        if dist.is_main:
+            n = sum(p.numel() for p in trainer.denoiser.parameters())
+            mode = cfg.method.projector.mode
+            print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, input {trainer.objective.model_channels}x"
+                  f"{trainer.image_size}x{trainer.image_size} ({'latents' if trainer.latent_space else 'pixels'} + "
+                  f"{trainer.objective.feature_channels} feature channels, projector mode {mode})", flush=True)
+        return trainer.fit()
+    finally:
+        cleanup_distributed()

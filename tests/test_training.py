@@ -1,0 +1,172 @@
+"""The training system end to end, as users launch it: `python train.py`, `torchrun train.py` (DDP) and
+`deepspeed train.py --ds_config ...` (ZeRO-2), on CPU with gloo.
+
+* 2-process DDP and DeepSpeed ZeRO-2 runs reproduce the 1-process loss sequence for the same global batch;
+* a run stopped after k steps and resumed matches an uninterrupted run (losses, weights, EMA);
+* the embedded demo runs end to end (shortened) and writes everything it promises;
+* non-finite losses are skipped and counted, and the run stops with a clear message when they persist;
+* bad configs fail at start-up naming the field, before anything is written.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast configuration: SiT-Micro on 16x16 digits, global batch 8, fp32 so runs compare tightly.
+TINY = ["model.name=SiT-Micro/2", "data.global_batch_size=8", "run.precision=fp32", "run.log_every=1",
+        "sample.every=0", "sample.num_images=10", "sample.steps=2", "sample.method=euler", "run.feature_vis_every=0",
+        "run.ckpt_every=0", "encoder.statistics_batches=4", "run.tensorboard=false", "method.projector.regularizer=cov"]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               TORCH_CPP_LOG_LEVEL="ERROR")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run(args, timeout=600):
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(args)}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(out, *overrides, launcher=None, nproc=1, ds_config=None):
+    cmd = [sys.executable, "train.py"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "train.py"]
+    elif launcher == "deepspeed":
+        launcher_path = Path(sys.executable).with_name("deepspeed")  # the venv's, even when it is not activated
+        cmd = [str(launcher_path) if launcher_path.exists() else shutil.which("deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(_free_port()), "train.py"]
+    if ds_config:
+        cmd += ["--ds_config", str(ds_config)]
+    return _run(cmd + [f"run.out_dir={out}", *TINY, *overrides])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return torch.tensor([r["loss"] for r in rows], dtype=torch.float64), [r["step"] for r in rows]
+
+
+def final_checkpoint(out):
+    folder = Path(out) / "checkpoints"
+    return torch.load(folder / (folder / "latest.txt").read_text().strip(), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    train(out, "run.steps=6")
+    return out
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_reproduce_the_single_process_losses(single_run, tmp_path):
+    train(tmp_path, "run.steps=6", launcher="torchrun", nproc=2)
+    ref, steps = losses(single_run)
+    got, got_steps = losses(tmp_path)
+    assert steps == got_steps == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
+    a, b = final_checkpoint(single_run), final_checkpoint(tmp_path)
+    for key in ("model", "ema", "projector"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name].double(), a[key][name].double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_reproduce_the_single_process_losses(single_run, tmp_path):
+    pytest.importorskip("deepspeed")
+    ds = json.loads((ROOT / "ds_zero2.json").read_text())
+    ds["gradient_clipping"] = 0.0  # the single-process reference trains without clipping, as ReDi does
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(ds))
+    # 3 steps, stop, then resume to 6: also exercises loading each rank's ZeRO optimizer partition.
+    train(tmp_path / "run", "run.steps=3", launcher="deepspeed", nproc=2, ds_config=config)
+    proc = train(tmp_path / "run", "run.steps=6", launcher="deepspeed", nproc=2, ds_config=config)
+    assert "resumed from" in proc.stdout
+    ref, _ = losses(single_run)
+    got, steps = losses(tmp_path / "run")
+    assert steps == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("*.optim-rank*.pt")) == [
+        f"step-000000{s}.optim-rank{r}.pt" for s in (3, 6) for r in (0, 1)]  # one partition per rank per checkpoint
+
+
+def test_resumed_run_matches_an_uninterrupted_run(single_run, tmp_path):
+    train(tmp_path, "run.steps=3")                 # stops after 3 steps (final checkpoint at 3)
+    proc = train(tmp_path, "run.steps=6")          # resume=auto picks it up
+    assert "resumed from" in proc.stdout and "step 3" in proc.stdout
+    ref, _ = losses(single_run)
+    got, steps = losses(tmp_path)
+    assert steps == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)   # same process count: bit-identical
+    a, b = final_checkpoint(single_run), final_checkpoint(tmp_path)
+    for key in ("model", "ema", "projector"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=0, atol=0)
+    assert b["data"] == a["data"]
+
+
+def test_demo_runs_end_to_end_and_writes_everything(tmp_path):
+    # The embedded default (`python train.py`), shortened: every output kind is produced.
+    proc = _run([sys.executable, "train.py", f"run.out_dir={tmp_path}", "run.steps=20", "run.log_every=5",
+                 "sample.every=10", "sample.steps=4", "run.feature_vis_every=10", "run.ckpt_every=10"])
+    outputs = json.loads((tmp_path / "outputs.json").read_text())
+    for key in ("checkpoint", "samples", "feature_evolution", "loss_curves", "metrics"):
+        assert Path(outputs[key]).is_file(), key
+    assert "Done: 20 steps" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert {"loss", "loss_image", "loss_feature", "loss_reg", "img_per_s", "proj/effective_rank"} <= set(rows[-1])
+    for name in ("step-0000010.png", "step-0000020.png"):
+        assert (tmp_path / "samples" / name).is_file()
+    ckpt = final_checkpoint(tmp_path)
+    from coredi_fast.models import create_model
+
+    model = create_model(**ckpt["model_config"])
+    model.load_state_dict(ckpt["ema"], strict=True)  # the EMA has the public SiT names
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    # An absurd learning rate makes the loss overflow; the run skips, counts, then stops with advice.
+    proc = subprocess.run([sys.executable, "train.py", f"run.out_dir={tmp_path}", *TINY, "run.steps=200",
+                           "optim.lr=1e30", "run.max_skipped_steps=2"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "run.max_skipped_steps=2" in proc.stderr and "non-finite loss" in proc.stderr
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=-1", "optim.lr"),
+    ("data.source=imagenet", "data.source"),
+    ("method.projector.dim=100", "method.projector"),
+    ("model.name=SiT-Huge/2", "SiT-Huge/2"),
+    ("run.stepz=3", "run.stepz"),
+])
+def test_bad_config_fails_at_start_up_naming_the_field(tmp_path, override, field):
+    proc = subprocess.run([sys.executable, "train.py", f"run.out_dir={tmp_path / 'out'}", override], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert field in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()  # failed before training wrote anything
