@@ -1,20 +1,40 @@
 """coredi_kernels: fused Triton ops for DiT/SiT training, usable on their own (needs only torch and triton).
 
+    from coredi_kernels import patch_dit
+    patch_dit(model)        # SiT/DiT/REPA/ReDi-style model: fused LayerNorm+modulate(+gated residual), attention dispatch
+
+Ops: `layernorm_modulate`, `gated_residual_layernorm_modulate`, `joint_embedding` (CoReDi's projection + norm +
+statistics + resize + noise + patch embedding), `attention` (FlashAttention / cuDNN / flash / efficient SDPA /
+xformers / math, with `explain_attention` saying why each was or was not chosen).
+
 Every op runs its Triton kernels on CUDA tensors and the same math in PyTorch elsewhere; `force_backend` or the
 environment variable COREDI_KERNELS_BACKEND (triton | torch | auto) overrides the choice.
 """
+from .attention import attention, explain_attention, force_attention_backend, select_attention_backend
 from .backend import force_backend
+from .joint_embedding import JointEmbedding, JointEmbeddingOutput, joint_embedding
 from .layernorm_modulate import (
     GatedResidualLayerNormModulate,
     LayerNormModulate,
     gated_residual_layernorm_modulate,
     layernorm_modulate,
 )
+from .patch import is_dit_patched, patch_dit, unpatch_dit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "attention",
+    "explain_attention",
+    "force_attention_backend",
+    "select_attention_backend",
+    "patch_dit",
+    "unpatch_dit",
+    "is_dit_patched",
     "GatedResidualLayerNormModulate",
+    "JointEmbedding",
+    "JointEmbeddingOutput",
+    "joint_embedding",
     "LayerNormModulate",
     "force_backend",
     "gated_residual_layernorm_modulate",

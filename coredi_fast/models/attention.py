@@ -1,16 +1,19 @@
 """Multi-head self-attention of SiT/DiT blocks, with timm's parameter names (`qkv`, `proj`, `q_norm`, `k_norm`).
 
 Every attention product in the models goes through the single function `dot_product_attention(q, k, v)` below,
-so a faster backend (the kernels package's dispatch: FlashAttention, cuDNN SDPA, ...) is swapped in at one place.
+which runs `coredi_kernels.attention`: the fastest kernel the device has (cuDNN SDPA on H100, FlashAttention-2 on
+other GPUs, torch's flash kernel on CPU), overridable with $COREDI_ATTENTION_BACKEND or
+`coredi_kernels.attention.force_attention_backend(name)`; `explain_attention(q, k, v)` says what runs and why.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from coredi_kernels.attention import attention
 
 
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention, no mask, no dropout, scale 1/sqrt(head_dim): (B, H, T, Dh) x3 -> (B, H, T, Dh)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    return attention(q, k, v)
 
 
 class Attention(nn.Module):

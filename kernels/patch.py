@@ -1,0 +1,280 @@
+"""`patch_dit(model)`: swap coredi_kernels' fused ops into a SiT/DiT/REPA/ReDi-style model, in place.
+
+The model is found by attribute names only (it may be coredi_fast's SiT or the public SiT/DiT code built on timm's
+`Attention`/`Mlp`):
+
+    model.blocks[i]                .norm1, .attn, .norm2, .mlp, .adaLN_modulation   called as block(x, c)
+    model.blocks[i].attn           .qkv, .proj, .num_heads  [, .q_norm, .k_norm, .norm, .proj_drop, .scale]
+    model.final_layer              .norm_final, .linear, .adaLN_modulation          called as final_layer(x, c)
+
+norm1 / norm2 / norm_final must be LayerNorms without affine parameters, as in DiT. Only `forward`s are replaced
+(per module instance, by a picklable `functools.partial`): parameters, buffers, state-dict names and the model's
+own `forward` (label dropout, REPA projections, unpatchify, learn_sigma) stay as they are.
+
+What each option swaps in:
+    attention            attn.forward = qkv -> (q_norm, k_norm) -> `attention` (the dispatcher) -> proj
+    layernorm_modulate   block.forward and final_layer.forward use `layernorm_modulate` for every
+                         `modulate(norm(x), shift, scale)`, the residual adds stay separate
+    fuse_residual        (needs layernorm_modulate) every residual add is fused with the norm that follows it:
+                         inside a block `x + gate_msa·attn` with norm2, and across blocks `x + gate_mlp·mlp` with
+                         the NEXT block's norm1 (or the final layer's norm). The adaLN outputs depend only on c, so
+                         block i computes the next consumer's shift/scale itself and hands (x, normed x,
+                         modulation) over; the next consumer uses the hand-over only when it is called with that
+                         very x and c (an identity check), else it computes its own. A depth-N model then runs 2N+1
+                         fused norm passes and no separate residual add, with the model's loop unchanged.
+
+Activation checkpointing: when the model has `grad_checkpointing = True` (coredi_fast's SiT, timm models) and
+grad is on, or when any saved-tensor hooks are active (torch.utils.checkpoint, activation offloading), blocks do
+not hand over across their boundary, so a recomputed block runs exactly the ops of its first run; the boundary
+residual add is then a separate op (2N+1 fused passes plus N adds). Reentrant checkpointing recomputes from
+detached copies and simply takes the unfused path. Under torch.compile the hook check is skipped: a compiled model
+that checkpoints inside its forward must set `grad_checkpointing = True` or be patched with fuse_residual=False.
+
+Wrapping: the patched model may be wrapped afterwards in DDP, `torch.compile(model)` or per-block
+`block.compile()` (the hand-over crosses the compiled regions). With fuse_residual a block reads the NEXT block's
+adaLN weights, so sharding parameters per block (FSDP, ZeRO-3) needs fuse_residual=False; ZeRO-1/2 are fine.
+
+`unpatch_dit(model)` restores the original forwards. Patching twice with the same options does nothing.
+"""
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import attention as dispatch_attention
+from .layernorm_modulate import gated_residual_layernorm_modulate, layernorm_modulate
+
+_PATCH_ATTR = "_coredi_patch"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hand-over between consecutive consumers of the residual stream
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """True inside torch.utils.checkpoint (or any saved-tensor hooks): recomputation must repeat the same ops."""
+    if torch.compiler.is_compiling():
+        return False
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class _ResidualChain:
+    """Carries block i's fused (residual add + next norm) result to consumer i+1: one slot, so at most one
+    hand-over is alive at a time. `consumers` = blocks followed by the final layer."""
+
+    def __init__(self, model: nn.Module, consumers: list):
+        self.model = model
+        self.consumers = consumers
+        self._slot: Optional[tuple] = None  # (consumer index, x, c, grad mode, modulation chunks, normed x)
+
+    def active(self) -> bool:
+        if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return False
+        return not _saved_tensor_hooks_active()
+
+    def put(self, index: int, x: Tensor, c: Tensor, mods: tuple, normed: Tensor) -> None:
+        self._slot = (index, x, c, torch.is_grad_enabled(), mods, normed)
+
+    def take(self, index: int, x: Tensor, c: Tensor) -> Optional[tuple]:
+        """(modulation chunks, normed x) if consumer `index` is being called on the x and c handed over, in the same
+        grad mode (a reentrant checkpoint runs blocks under no_grad: their hand-over has no graph), else None."""
+        slot, self._slot = self._slot, None
+        if slot is None or not self.active():
+            return None
+        slot_index, slot_x, slot_c, grad_mode, mods, normed = slot
+        if slot_index == index and slot_x is x and slot_c is c and grad_mode == torch.is_grad_enabled():
+            return mods, normed
+        return None
+
+    def __getstate__(self):  # copies (deepcopy for EMA, pickling) never carry a pending hand-over
+        return dict(self.__dict__, _slot=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patched forwards (module first: they are bound with functools.partial)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fused_attention_forward(attn: nn.Module, x: Tensor) -> Tensor:
+    """timm/DiT self-attention through the dispatcher: x (B, T, D) -> (B, T, D)."""
+    B, T, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(B, T, 3, heads, -1)                  # (B, T, 3, H, Dh)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 x (B, H, T, Dh), views
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    out = dispatch_attention(q, k, v, scale=getattr(attn, "scale", None))  # (B, H, T, Dh)
+    out = out.transpose(1, 2).reshape(B, T, -1)                    # (B, T, H * Dh)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    out = attn.proj(out)
+    proj_drop = getattr(attn, "proj_drop", None)
+    return proj_drop(out) if proj_drop is not None else out
+
+
+def fused_block_forward(block: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor) -> Tensor:
+    """A DiT block with fused norms: x (B, T, D), c (B, D) -> (B, T, D). chain is None without fuse_residual."""
+    handed = chain.take(index, x, c) if chain is not None else None
+    if handed is None:
+        mods = block.adaLN_modulation(c).chunk(6, dim=-1)
+        normed = layernorm_modulate(x, mods[0], mods[1], block.norm1.eps)
+    else:
+        mods, normed = handed
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    branch = block.attn(normed)                                                      # (B, T, D)
+    if chain is None:
+        x = x + gate_msa.unsqueeze(1) * branch
+        normed = layernorm_modulate(x, shift_mlp, scale_mlp, block.norm2.eps)
+    else:
+        x, normed = gated_residual_layernorm_modulate(x, branch, gate_msa, shift_mlp, scale_mlp, block.norm2.eps)
+    branch = block.mlp(normed)                                                       # (B, T, D)
+    if chain is None or not chain.active():
+        return x + gate_mlp.unsqueeze(1) * branch
+    consumer = chain.consumers[index + 1]
+    is_final = index + 1 == len(chain.consumers) - 1
+    next_mods = consumer.adaLN_modulation(c).chunk(2 if is_final else 6, dim=-1)
+    next_eps = (consumer.norm_final if is_final else consumer.norm1).eps
+    x, normed = gated_residual_layernorm_modulate(x, branch, gate_mlp, next_mods[0], next_mods[1], next_eps)
+    chain.put(index + 1, x, c, next_mods, normed)
+    return x
+
+
+def fused_final_forward(final: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor) -> Tensor:
+    """DiT's final layer: linear(LN(x)·(1 + scale) + shift), x (B, T, D), c (B, D) -> (B, T, p·p·C)."""
+    handed = chain.take(index, x, c) if chain is not None else None
+    if handed is None:
+        shift, scale = final.adaLN_modulation(c).chunk(2, dim=-1)
+        normed = layernorm_modulate(x, shift, scale, final.norm_final.eps)
+    else:
+        normed = handed[1]
+    return final.linear(normed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks (all run before anything is changed, so a bad model is left untouched)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _require(obj, path: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name, None) is None:
+            raise ValueError(f"patch_dit: the model has no `{path}.{name}` (expected a SiT/DiT-style model)")
+
+
+def _check_norm(norm, path: str) -> None:
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise ValueError(f"patch_dit: `{path}` must be an nn.LayerNorm over the last dim, got {type(norm).__name__}")
+    if norm.weight is not None or norm.bias is not None:
+        raise ValueError(f"patch_dit: `{path}` has affine parameters; the fused op needs elementwise_affine=False")
+
+
+def _blocks_of(model: nn.Module) -> list:
+    _require(model, "model", "blocks")
+    blocks = list(model.blocks)
+    if not blocks:
+        raise ValueError("patch_dit: `model.blocks` is empty")
+    return blocks
+
+
+def _check_model(model: nn.Module, layernorm_modulate: bool, attention: bool) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_dit: model must be an nn.Module, got {type(model).__name__}")
+    for i, block in enumerate(_blocks_of(model)):
+        path = f"model.blocks.{i}"
+        _require(block, path, "attn")
+        if attention:
+            _require(block.attn, f"{path}.attn", "qkv", "proj", "num_heads")
+            dropout = getattr(block.attn, "attn_drop", None)
+            if dropout is not None and getattr(dropout, "p", 0.0) > 0:
+                raise ValueError(f"patch_dit: `{path}.attn.attn_drop` has p > 0; the attention dispatch has no dropout")
+            if getattr(block.attn, "gate", None) is not None:
+                raise ValueError(f"patch_dit: `{path}.attn.gate` (gated attention) is not supported")
+        if layernorm_modulate:
+            _require(block, path, "norm1", "norm2", "mlp", "adaLN_modulation")
+            _check_norm(block.norm1, f"{path}.norm1")
+            _check_norm(block.norm2, f"{path}.norm2")
+    if layernorm_modulate:
+        _require(model, "model", "final_layer")
+        _require(model.final_layer, "model.final_layer", "norm_final", "linear", "adaLN_modulation")
+        _check_norm(model.final_layer.norm_final, "model.final_layer.norm_final")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PatchRecord:
+    options: tuple
+    originals: list = field(default_factory=list)  # (module, its instance-level forward before patching or None)
+
+
+def _set_forward(record: _PatchRecord, module: nn.Module, forward) -> None:
+    record.originals.append((module, module.__dict__.get("forward")))
+    module.forward = forward  # an instance attribute: shadows the class's forward for this module only
+
+
+def patch_dit(
+    model: nn.Module, *, layernorm_modulate: bool = True, attention: bool = True, fuse_residual: bool = True
+) -> nn.Module:
+    """Swap the fused ops into a SiT/DiT-style model in place (see the module docstring); returns the model.
+
+    Raises ValueError naming the missing or unsuitable attribute (e.g. `model.blocks.0.norm1`) before changing
+    anything. Patching again with other options first restores the original forwards.
+    """
+    for arg, value in dict(layernorm_modulate=layernorm_modulate, attention=attention,
+                           fuse_residual=fuse_residual).items():
+        if not isinstance(value, bool):
+            raise TypeError(f"patch_dit: {arg} must be a bool, got {value!r}")
+    if fuse_residual and not layernorm_modulate:
+        raise ValueError("patch_dit: fuse_residual=True fuses residual adds into the norms: it needs "
+                         "layernorm_modulate=True")
+    options = (layernorm_modulate, attention, fuse_residual)
+    existing = model.__dict__.get(_PATCH_ATTR) if isinstance(model, nn.Module) else None
+    if existing is not None:
+        if existing.options == options:
+            return model
+        unpatch_dit(model)
+    _check_model(model, layernorm_modulate, attention)
+
+    record = _PatchRecord(options)
+    blocks = _blocks_of(model)
+    if attention:
+        for block in blocks:
+            _set_forward(record, block.attn, functools.partial(fused_attention_forward, block.attn))
+    if layernorm_modulate:
+        consumers = blocks + [model.final_layer]
+        chain = _ResidualChain(model, consumers) if fuse_residual else None
+        for i, block in enumerate(blocks):
+            _set_forward(record, block, functools.partial(fused_block_forward, block, chain, i))
+        final = model.final_layer
+        _set_forward(record, final, functools.partial(fused_final_forward, final, chain, len(blocks)))
+    model.__dict__[_PATCH_ATTR] = record
+    return model
+
+
+def unpatch_dit(model: nn.Module) -> nn.Module:
+    """Restore the forwards `patch_dit` replaced; a model that is not patched is returned unchanged."""
+    record = model.__dict__.pop(_PATCH_ATTR, None)
+    if record is None:
+        return model
+    for module, previous in reversed(record.originals):
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+    return model
+
+
+def is_dit_patched(model: nn.Module) -> bool:
+    """True if `patch_dit` has patched this model (and it was not unpatched since)."""
+    return _PATCH_ATTR in model.__dict__
