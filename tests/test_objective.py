@@ -205,3 +205,47 @@ def test_naive_variant_collapses_and_coredi_default_does_not():
     # CoReDi: unit-variance channels (BatchNorm) that stay spread over all d directions.
     assert default["std"] > 0.5, default
     assert default["rank"] > 3.0, default  # out of d = 4
+
+
+@pytest.mark.parametrize("mode, regularizer, keep", [("learned", "cov", True), ("learned", "ortho", False),
+                                                      ("pca", "none", False)])
+def test_fused_joint_embedding_objective_equals_the_pytorch_path(mode, regularizer, keep):
+    """Same loss, logs and gradients (denoiser and W) whether the fused op or plain PyTorch builds the tokens."""
+    stats = FeatureStatistics(D)
+    stats.update(torch.randn(64, D) * torch.linspace(0.5, 2.0, D) + 1.0)
+    kwargs = dict(regularizer=regularizer) if mode == "learned" else {}
+    config = ProjectorConfig(mode=mode, feature_dim=D, dim=2, feature_dropout=0.3 if keep else 0.0, **kwargs)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        projector = FeatureProjector(config, stats)
+        objective = JointDiffusionObjective(projector, ObjectiveConfig(image_channels=C, image_size=H,
+                                                                       fused_embedding=fused), feature_grid_tokens=L)
+        model = create_model("SiT-Micro/2", input_size=H, in_channels=C + 2, num_classes=3)
+        for param in model.parameters():
+            torch.nn.init.normal_(param, std=0.05)
+        x, f = torch.randn(B, C, H, H), torch.randn(B, L, D)
+        noise = objective.draw_noise(B, generator=torch.Generator().manual_seed(6), label_dropout=0.3)
+        out = objective(model, x, f, torch.tensor([0, 1, 2]), noise=noise)
+        params = [q for q in list(model.parameters()) + list(projector.parameters()) if q.requires_grad]
+        grads = torch.autograd.grad(out.loss, params)
+        results.append((out, grads, projector.state_dict()))
+    (ref, ref_grads, ref_state), (got, got_grads, got_state) = results
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for key in ref.logs:
+        torch.testing.assert_close(got.logs[key], ref.logs[key], rtol=1e-4, atol=1e-6, msg=key)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for key in ref_state:  # BatchNorm running statistics updated the same way
+        torch.testing.assert_close(got_state[key], ref_state[key])
+
+
+def test_fused_embedding_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="stop_gradient"):
+        JointDiffusionObjective(_projector(stop_gradient=False), ObjectiveConfig(image_channels=C, image_size=H,
+                                                                                 fused_embedding=True))
+    with pytest.raises(ValueError, match="vf"):
+        JointDiffusionObjective(_projector(regularizer="vf"), ObjectiveConfig(image_channels=C, image_size=H,
+                                                                              fused_embedding=True))
+    with pytest.raises(ValueError, match="velocity"):
+        ObjectiveConfig(prediction="x", fused_embedding=True)

@@ -18,7 +18,7 @@ Feature dropout (for Representation Guidance) is per sample: a dropped sample se
 instead drops the whole batch once per step and zeroes the clean features before noising; the per-sample form is
 the standard classifier-free-guidance recipe and matches inference.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -29,6 +29,7 @@ from ..transport.path import interpolate, velocity_from_x_prediction, velocity_t
 from ..transport.timesteps import TIME_DISTRIBUTIONS, sample_time
 from .feature_grid import check_feature_grid, tokens_to_grid
 from .projector import FeatureProjector
+from .regularizers import orthogonality_loss
 
 PREDICTIONS = ("velocity", "x")
 
@@ -43,6 +44,9 @@ class ObjectiveConfig:
     time_sampling: "uniform" (SiT) | "logit_normal" (JiT); time_mean / time_std parametrize the latter.
     prediction: "velocity" (SiT: the model outputs v) | "x" (JiT: the model outputs clean data, the loss is still
         on the velocity v = (x_pred - x_t) / max(1 - t, x_pred_clamp)).
+    fused_embedding: compute projection + norm + statistics + resize + noise + patch embedding with the fused
+        `coredi_kernels.joint_embedding` op (same numbers; Triton on GPU). Needs stop-gradient targets, velocity
+        prediction, the ortho/cov/none regularizer and a model with `forward_tokens` (SiT/DiT).
     """
     image_channels: int = 4
     image_size: int = 32
@@ -52,7 +56,7 @@ class ObjectiveConfig:
     time_std: float = 1.0
     prediction: str = "velocity"
     x_pred_clamp: float = 0.05
-    extra: Dict[str, float] = field(default_factory=dict)
+    fused_embedding: bool = False
 
     def __post_init__(self):
         if not isinstance(self.image_channels, int) or self.image_channels < 1:
@@ -67,6 +71,8 @@ class ObjectiveConfig:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if not 0 < self.x_pred_clamp <= 1:
             raise ValueError(f"x_pred_clamp must be in (0, 1], got {self.x_pred_clamp!r}")
+        if self.fused_embedding and self.prediction != "velocity":
+            raise ValueError("fused_embedding needs prediction='velocity' (the fused op does not return x_t)")
 
 
 class JointNoise(NamedTuple):
@@ -107,6 +113,14 @@ class JointDiffusionObjective(nn.Module):
         self.config = config
         if projector.enabled and feature_grid_tokens is not None:
             check_feature_grid(feature_grid_tokens, config.image_size)
+        if config.fused_embedding:
+            pc = projector.config
+            if not projector.enabled:
+                raise ValueError("fused_embedding needs feature channels (projector mode 'learned' or 'pca')")
+            if not pc.stop_gradient:
+                raise ValueError("fused_embedding needs projector stop_gradient=True (its target is always detached)")
+            if pc.regularizer == "vf":
+                raise ValueError("fused_embedding supports the ortho, cov and none regularizers, not 'vf'")
 
     @property
     def feature_channels(self) -> int:
@@ -156,6 +170,8 @@ class JointDiffusionObjective(nn.Module):
                              f"got {tuple(x.shape)}")
         if noise is None:
             noise = self.draw_noise(x.shape[0], device=x.device, generator=generator)
+        if self.config.fused_embedding:
+            return self._forward_fused(model, x, features, y, noise)
         logs: Dict[str, torch.Tensor] = {}
 
         x_t = interpolate(x, noise.noise_x, noise.t)
@@ -190,3 +206,51 @@ class JointDiffusionObjective(nn.Module):
             loss = loss + reg_loss
         logs["loss"] = loss.detach()
         return ObjectiveOutput(loss, logs, None if out is None else out.z.detach())
+
+    def _forward_fused(self, model, x, features, y, noise: JointNoise) -> ObjectiveOutput:
+        """The same loss with `coredi_kernels.joint_embedding` producing the transformer's input tokens."""
+        from coredi_kernels import joint_embedding
+
+        if not hasattr(model, "forward_tokens") or not hasattr(model, "x_embedder"):
+            raise ValueError(f"fused_embedding needs a SiT/DiT-style model with `x_embedder` and `forward_tokens`; "
+                             f"{type(model).__name__} has none")
+        c, p = self.config, self.projector
+        norm = p.norm
+        # ReDi's PCA mode centres the standardized features again (pca_mean): fold it into the mean.
+        mean = p.feature_mean + p.feature_std * p.pca_mean if p.config.mode == "pca" else p.feature_mean
+        norm_args = {} if norm is None else dict(
+            norm_weight=norm.weight, norm_bias=norm.bias, running_mean=norm.running_mean,
+            running_var=norm.running_var, num_batches_tracked=norm.num_batches_tracked, momentum=norm.momentum,
+            eps=norm.eps, training=norm.training)
+        out = joint_embedding(features, p.weight, x, noise.noise_x, noise.noise_z, noise.t,
+                              model.x_embedder.proj.weight, model.x_embedder.proj.bias, model.pos_embed,
+                              feature_keep=noise.feature_keep, feature_mean=mean, feature_std=p.feature_std,
+                              normalize=norm is not None, feature_scale=p.config.feature_scale, **norm_args)
+        kwargs = {} if noise.label_drop is None else {"force_drop_ids": noise.label_drop}
+        pred = model.forward_tokens(out.tokens, noise.t, y, **kwargs)
+        losses = joint_velocity_loss(pred, out.target, c.image_channels, feature_weight=c.feature_weight,
+                                     feature_mask=noise.feature_keep)
+        logs: Dict[str, torch.Tensor] = {}
+        reg_loss = out.tokens.new_zeros((), dtype=torch.float32)
+        if p.training and p.config.regularizer == "ortho":
+            term = orthogonality_loss(p.weight.float())
+            logs["reg_ortho"] = term.detach()
+            reg_loss = p.config.reg_weight * term
+        elif p.training and p.config.regularizer == "cov":
+            cov = out.covariance
+            off_diagonal = cov - torch.diag_embed(torch.diagonal(cov))
+            term = off_diagonal.pow(2).sum() / cov.shape[0]
+            logs["reg_cov"] = term.detach()
+            reg_loss = p.config.reg_weight * term
+        n = out.count.to(out.batch_var.dtype)
+        prenorm_std = torch.sqrt(out.batch_var * n / (n - 1).clamp(min=1))   # unbiased, like the PyTorch path
+        logs["prenorm_std_mean"] = prenorm_std.mean()
+        logs["prenorm_std_min"] = prenorm_std.min()
+        loss = losses["loss"]
+        logs["loss_diffusion"] = loss.detach()
+        logs["loss_image"] = losses["loss_image"]
+        logs["loss_feature"] = losses["loss_feature"]
+        logs["loss_reg"] = reg_loss.detach()
+        loss = loss + reg_loss
+        logs["loss"] = loss.detach()
+        return ObjectiveOutput(loss, logs, out.z_hat.detach())
