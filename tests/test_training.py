@@ -170,3 +170,15 @@ def test_bad_config_fails_at_start_up_naming_the_field(tmp_path, override, field
     assert proc.returncode != 0
     assert field in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "checkpoints").exists()  # failed before training wrote anything
+
+
+def test_fused_ops_train_the_same_as_plain_pytorch(single_run, tmp_path):
+    # patch_dit + the fused joint embedding (their PyTorch backends on CPU): the same loss sequence and weights.
+    train(tmp_path, "run.steps=6", "model.fused_ops=on")
+    ref, _ = losses(single_run)
+    got, _ = losses(tmp_path)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    a, b = final_checkpoint(single_run), final_checkpoint(tmp_path)
+    assert a["model"].keys() == b["model"].keys()  # patching leaves the state dict (public SiT names) alone
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5)

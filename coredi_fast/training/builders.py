@@ -68,8 +68,13 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Optional[nn.Module]
     return encoder.to(device)
 
 
+def use_fused_ops(cfg: TrainConfig, device: torch.device) -> bool:
+    """model.fused_ops: auto → on CUDA (the ops' PyTorch fallback gains nothing on CPU); on/off as asked."""
+    return cfg.model.fused_ops == "on" or (cfg.model.fused_ops == "auto" and device.type == "cuda")
+
+
 def build_objective(cfg: TrainConfig, image_channels: int, image_size: int, encoder: Optional[nn.Module],
-                    statistics: Optional[FeatureStatistics]) -> JointDiffusionObjective:
+                    statistics: Optional[FeatureStatistics], fused: bool = False) -> JointDiffusionObjective:
     projector = FeatureProjector(cfg.method.projector, statistics)
     tokens = encoder.num_tokens if encoder is not None else None
     if tokens is not None:
@@ -77,14 +82,27 @@ def build_objective(cfg: TrainConfig, image_channels: int, image_size: int, enco
             check_feature_grid(tokens, image_size)
         except ValueError as e:
             raise ValueError(f"encoder grid vs image grid: {e} (change encoder.resolution or the data's image size)")
-    return JointDiffusionObjective(projector, cfg.objective_config(image_channels, image_size), tokens)
+    reason = cfg.fused_embedding_reason()
+    if fused and reason is not None:
+        if cfg.model.fused_ops == "on":
+            logger.warning("fused joint embedding off: %s (the rest of the fused ops stay on)", reason)
+        fused = False
+    return JointDiffusionObjective(projector, cfg.objective_config(image_channels, image_size, fused), tokens)
 
 
-def build_denoiser(cfg: TrainConfig, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+def build_denoiser(cfg: TrainConfig, in_channels: int, image_size: int, num_classes: int,
+                   fused: bool = False) -> nn.Module:
+    """The SiT/DiT; with `fused`, coredi_kernels' fused LayerNorm+modulate(+residual) and attention dispatch are
+    swapped in (`patch_dit`: same parameters and state dict, same numbers)."""
     m = cfg.model
-    return create_model(m.name, input_size=image_size, in_channels=in_channels, num_classes=num_classes,
-                        learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                        grad_checkpointing=m.grad_checkpointing, **m.overrides)
+    model = create_model(m.name, input_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                         learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
+                         grad_checkpointing=m.grad_checkpointing, **m.overrides)
+    if fused:
+        from coredi_kernels import patch_dit
+
+        patch_dit(model)
+    return model
 
 
 @torch.no_grad()

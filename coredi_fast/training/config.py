@@ -40,6 +40,7 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
     compile: str = "none"             # none | blocks (torch.compile each transformer block) | model
+    fused_ops: str = "auto"           # auto (on CUDA) | on | off: coredi_kernels' patch_dit + fused joint embedding
     overrides: dict = field(default_factory=dict)   # extra create_model kwargs (depth=, hidden_size=, ...)
 
 
@@ -133,11 +134,24 @@ class TrainConfig:
 
     # --------------------------------------------------------------- derived
 
-    def objective_config(self, image_channels: int, image_size: int) -> ObjectiveConfig:
+    def objective_config(self, image_channels: int, image_size: int, fused_embedding: bool = False) -> ObjectiveConfig:
         m = self.method
         return ObjectiveConfig(image_channels=image_channels, image_size=image_size, feature_weight=m.feature_weight,
                                time_sampling=m.time_sampling, time_mean=m.time_mean, time_std=m.time_std,
-                               prediction=m.prediction)
+                               prediction=m.prediction, fused_embedding=fused_embedding)
+
+    def fused_embedding_reason(self) -> str | None:
+        """Why the fused joint embedding cannot be used with this config (None: it can)."""
+        p, m = self.method.projector, self.method
+        if p.mode == "none":
+            return "no feature channels (projector mode none)"
+        if not p.stop_gradient:
+            return "stop_gradient is off"
+        if p.regularizer == "vf":
+            return "the vf regularizer needs the unfused path"
+        if m.prediction != "velocity":
+            return "x-prediction"
+        return None
 
     # --------------------------------------------------------------- validation
 
@@ -156,6 +170,7 @@ class TrainConfig:
         if self.model.name not in list_models():
             raise ValueError(f"model.name={self.model.name!r} is not a known model; choose from {list_models()}")
         _choice("model.compile", self.model.compile, ("none", "blocks", "model"))
+        _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
         if not 0.0 <= self.model.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.model.class_dropout_prob}")
         _choice("encoder.dtype", self.encoder.dtype, ("bf16", "fp32"))

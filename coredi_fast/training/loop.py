@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
-                       image_stream_shape, merge_statistics)
+                       image_stream_shape, merge_statistics, use_fused_ops)
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, parse_step_window
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
@@ -74,9 +74,10 @@ class Trainer:
         # ---- frozen encoder, feature statistics, objective, denoiser
         self.encoder = build_encoder(cfg, self.device)
         statistics = self._feature_statistics()
-        self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics)
+        fused = use_fused_ops(cfg, self.device)
+        self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics, fused)
         self.denoiser = build_denoiser(cfg, self.objective.model_channels, self.image_size,
-                                       self.dataset.num_classes)
+                                       self.dataset.num_classes, fused)
         self.module = TrainModule(self.denoiser, self.objective).to(self.device)
         if cfg.model.compile == "blocks":
             for block in self.denoiser.blocks:
