@@ -82,13 +82,14 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-3                  # the demo's tiny model; ReDi/SiT-XL use 1e-4 (see configs/imagenet256_*.yaml)
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = 100
     grad_clip: float = 0.0            # 0 = off (ReDi); DeepSpeed takes it from its json ("gradient_clipping")
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.999          # ReDi/SiT: 0.9999 (a 2000-step demo needs a shorter memory)
+    ema_warmup: bool = True           # ramp the decay up as min(decay, (1+k)/(10+k)); ReDi/SiT use a constant decay
 
 
 @dataclass
@@ -98,7 +99,7 @@ class SampleConfig:
     num_images: int = 40
     sampler: str = "ode"              # ode | sde
     method: str = "heun"              # euler | heun (ode)
-    steps: int = 50
+    steps: int = 25
     cfg_scale: float = 1.0
     guidance_on: str = "image"        # image | all
 
@@ -106,13 +107,13 @@ class SampleConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/demo"
-    steps: int = 3000
+    steps: int = 2000
     seed: int = 0
     precision: str = "bf16"           # bf16 (autocast on GPU; fp32 on CPU) | fp32
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    feature_vis_every: int = 250
+    feature_vis_every: int = 200
     feature_vis_images: int = 8
     resume: str = "auto"              # auto (latest in out_dir) | none | a checkpoint path
     max_skipped_steps: int = 20       # non-finite losses tolerated (skipped) before the run stops

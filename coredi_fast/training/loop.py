@@ -238,13 +238,21 @@ class Trainer:
             return logs
         self.engine.backward(out.loss)
         grad_norm = self.engine.step()
-        self.ema.update(self.denoiser)
+        self.ema.update(self.denoiser, self._ema_decay())
         logs = dict(out.logs)
         if grad_norm is not None:
             logs["grad_norm"] = grad_norm
         if out.z is not None:
             self._last_z = out.z
         return logs
+
+    def _ema_decay(self) -> float:
+        """optim.ema_decay, or with optim.ema_warmup the usual ramp min(decay, (1 + k) / (10 + k)) after k updates:
+        a short run's EMA then forgets the zero-output initialization instead of staying mostly at it."""
+        o = self.cfg.optim
+        if not o.ema_warmup:
+            return o.ema_decay
+        return min(o.ema_decay, (1 + self.step) / (10 + self.step))
 
     # ------------------------------------------------------------------ pictures
 

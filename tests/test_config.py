@@ -1,0 +1,52 @@
+"""Config files and command-line overrides: typed, validated, round-trippable, errors naming the field."""
+from pathlib import Path
+
+import pytest
+
+from coredi_fast.training.config import TrainConfig, load_config, parse_step_window
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name, mode", [("imagenet256_coredi_xl", "learned"), ("imagenet256_redi_xl", "pca"),
+                                        ("imagenet256_sit_xl", "none")])
+def test_shipped_imagenet_configs_validate(name, mode):
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"))
+    assert cfg.model.name == "SiT-XL/2" and cfg.data.global_batch_size == 256 and cfg.optim.lr == 1e-4
+    assert cfg.method.projector.mode == mode
+    if mode != "none":
+        assert (cfg.method.projector.feature_dim, cfg.method.projector.dim) == (768, 8)
+    assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
+
+
+def test_demo_config_file_equals_the_embedded_defaults():
+    assert load_config(str(CONFIGS / "demo_digits.yaml")) == load_config(None)
+
+
+def test_overrides_are_typed_by_their_field():
+    cfg = load_config(None, ["optim.lr=3e-4", "run.profile_steps=10:20", "optim.betas=[0.9,0.95]",
+                             "encoder.weights=null", "model.overrides={depth: 2}", "run.tensorboard=false"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.run.profile_steps == "10:20" and parse_step_window(cfg.run.profile_steps) == (10, 20)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.encoder.weights is None
+    assert cfg.model.overrides == {"depth": 2} and cfg.run.tensorboard is False
+
+
+def test_partial_projector_override_keeps_mode_dependent_defaults():
+    cfg = load_config(None, ["method.projector.mode=pca"])
+    assert cfg.method.projector.norm == "none" and cfg.method.projector.regularizer == "none"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr"), ("run.steps=abc", "run.steps"), ("data.loader=fast", "data.loader"),
+    ("method.projector.dim=65", "method.projector"), ("optim.lrr=1", "optim.lrr"), ("run.profile_steps=5:2", "A < B"),
+    ("model.name=SiT-Huge/2", "model.name"), ("data.source=shards", "data.path"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
