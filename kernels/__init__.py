@@ -19,7 +19,13 @@ from .layernorm_modulate import (
     gated_residual_layernorm_modulate,
     layernorm_modulate,
 )
-from .patch import is_dit_patched, patch_dit, unpatch_dit
+from .patch import is_dit_patched, patch_dit, patch_jit, unpatch_dit
+from .rmsnorm_modulate import (
+    GatedResidualRMSNormModulate,
+    RMSNormModulate,
+    gated_residual_rmsnorm_modulate,
+    rmsnorm_modulate,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +35,11 @@ __all__ = [
     "force_attention_backend",
     "select_attention_backend",
     "patch_dit",
+    "patch_jit",
+    "rmsnorm_modulate",
+    "gated_residual_rmsnorm_modulate",
+    "RMSNormModulate",
+    "GatedResidualRMSNormModulate",
     "unpatch_dit",
     "is_dit_patched",
     "GatedResidualLayerNormModulate",

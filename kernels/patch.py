@@ -1,4 +1,5 @@
 """`patch_dit(model)`: swap coredi_kernels' fused ops into a SiT/DiT/REPA/ReDi-style model, in place.
+(`patch_jit(model)`, at the end of this file, does the same with the RMSNorm ops for JiT-style models.)
 
 The model is found by attribute names only (it may be coredi_fast's SiT or the public SiT/DiT code built on timm's
 `Attention`/`Mlp`):
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from .attention import attention as dispatch_attention
 from .layernorm_modulate import gated_residual_layernorm_modulate, layernorm_modulate
+from .rmsnorm_modulate import gated_residual_rmsnorm_modulate, rmsnorm_modulate
 
 _PATCH_ATTR = "_coredi_patch"
 
@@ -66,9 +68,10 @@ class _ResidualChain:
     """Carries block i's fused (residual add + next norm) result to consumer i+1: one slot, so at most one
     hand-over is alive at a time. `consumers` = blocks followed by the final layer."""
 
-    def __init__(self, model: nn.Module, consumers: list):
+    def __init__(self, model: nn.Module, consumers: list, breaks: frozenset = frozenset()):
         self.model = model
         self.consumers = consumers
+        self.breaks = breaks  # consumers that never get their predecessor's output as is (JiT's in-context insert)
         self._slot: Optional[tuple] = None  # (consumer index, x, c, grad mode, modulation chunks, normed x)
 
     def active(self) -> bool:
@@ -170,6 +173,8 @@ def _require(obj, path: str, *names: str) -> None:
 
 
 def _check_norm(norm, path: str) -> None:
+    if _is_rmsnorm(norm):
+        raise ValueError(f"patch_dit: `{path}` is an RMSNorm (a JiT-style model): use patch_jit")
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise ValueError(f"patch_dit: `{path}` must be an nn.LayerNorm over the last dim, got {type(norm).__name__}")
     if norm.weight is not None or norm.bias is not None:
@@ -278,3 +283,137 @@ def unpatch_dit(model: nn.Module) -> nn.Module:
 def is_dit_patched(model: nn.Module) -> bool:
     """True if `patch_dit` has patched this model (and it was not unpatched since)."""
     return _PATCH_ATTR in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JiT-style models: RMSNorm (with a weight) + modulate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_rmsnorm(norm) -> bool:
+    """torch's nn.RMSNorm over the last dim, or a JiT/LLaMA-style `*RMSNorm` module with a (D,) `weight`."""
+    if isinstance(norm, getattr(nn, "RMSNorm", ())):
+        return len(norm.normalized_shape) == 1
+    weight = getattr(norm, "weight", None)
+    return (isinstance(norm, nn.Module) and type(norm).__name__.endswith("RMSNorm")
+            and (weight is None or weight.dim() == 1)
+            and (getattr(norm, "eps", None) is not None or getattr(norm, "variance_epsilon", None) is not None))
+
+
+def _rmsnorm_args(norm: nn.Module, x: Tensor) -> tuple[Optional[Tensor], float]:
+    """(weight, eps) of an RMSNorm, read at call time (parameters may be swapped after patching)."""
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
+        eps = torch.finfo(x.dtype).eps
+    return norm.weight, float(eps)
+
+
+def fused_jit_block_forward(block: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor,
+                            rope) -> Tensor:
+    """A JiT block with fused RMSNorm + modulate: x (B, T, D), c (B, D), rope (passed to attn) -> (B, T, D)."""
+    handed = chain.take(index, x, c) if chain is not None else None
+    if handed is None:
+        mods = block.adaLN_modulation(c).chunk(6, dim=-1)
+        normed = rmsnorm_modulate(x, mods[0], mods[1], *_rmsnorm_args(block.norm1, x))
+    else:
+        mods, normed = handed
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    branch = block.attn(normed, rope)                                                # (B, T, D)
+    if chain is None:
+        x = x + gate_msa.unsqueeze(1) * branch
+        normed = rmsnorm_modulate(x, shift_mlp, scale_mlp, *_rmsnorm_args(block.norm2, x))
+    else:
+        x, normed = gated_residual_rmsnorm_modulate(x, branch, gate_msa, shift_mlp, scale_mlp,
+                                                    *_rmsnorm_args(block.norm2, x))
+    branch = block.mlp(normed)                                                       # (B, T, D)
+    if chain is None or not chain.active() or index + 1 in chain.breaks:
+        return x + gate_mlp.unsqueeze(1) * branch
+    consumer = chain.consumers[index + 1]
+    is_final = index + 1 == len(chain.consumers) - 1
+    next_mods = consumer.adaLN_modulation(c).chunk(2 if is_final else 6, dim=-1)
+    next_norm = consumer.norm_final if is_final else consumer.norm1
+    x, normed = gated_residual_rmsnorm_modulate(x, branch, gate_mlp, next_mods[0], next_mods[1],
+                                                *_rmsnorm_args(next_norm, x))
+    chain.put(index + 1, x, c, next_mods, normed)
+    return x
+
+
+def fused_jit_final_forward(final: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor,
+                            c: Tensor) -> Tensor:
+    """JiT's final layer: linear(RMSNorm(x)·w·(1 + scale) + shift), x (B, T, D), c (B, D) -> (B, T, out)."""
+    handed = chain.take(index, x, c) if chain is not None else None
+    if handed is None:
+        shift, scale = final.adaLN_modulation(c).chunk(2, dim=-1)
+        normed = rmsnorm_modulate(x, shift, scale, *_rmsnorm_args(final.norm_final, x))
+    else:
+        normed = handed[1]
+    return final.linear(normed)
+
+
+def _check_rmsnorm(norm, path: str) -> None:
+    if not _is_rmsnorm(norm):
+        raise ValueError(f"patch_jit: `{path}` must be an RMSNorm over the last dim (a JiT-style model), got "
+                         f"{type(norm).__name__}; SiT/DiT models with LayerNorms: use patch_dit")
+
+
+def _check_jit_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_jit: model must be an nn.Module, got {type(model).__name__}")
+    _require(model, "model", "blocks")
+    if not list(model.blocks):
+        raise ValueError("patch_jit: `model.blocks` is empty")
+    for i, block in enumerate(model.blocks):
+        path = f"model.blocks.{i}"
+        for name in ("norm1", "attn", "norm2", "mlp", "adaLN_modulation"):
+            if getattr(block, name, None) is None:
+                raise ValueError(f"patch_jit: the model has no `{path}.{name}` (expected a JiT-style model)")
+        _check_rmsnorm(block.norm1, f"{path}.norm1")
+        _check_rmsnorm(block.norm2, f"{path}.norm2")
+    for name in ("norm_final", "linear", "adaLN_modulation"):
+        if getattr(getattr(model, "final_layer", None), name, None) is None:
+            raise ValueError(f"patch_jit: the model has no `model.final_layer.{name}` (expected a JiT-style model)")
+    _check_rmsnorm(model.final_layer.norm_final, "model.final_layer.norm_final")
+
+
+def patch_jit(model: nn.Module, *, fuse_residual: bool = True) -> nn.Module:
+    """Swap the fused RMSNorm + modulate ops into a JiT-style model in place; returns the model.
+
+    The model is found by attribute names (coredi_fast's JiT or JiT's public `model_jit.py`):
+
+        model.blocks[i]        .norm1, .attn, .norm2, .mlp, .adaLN_modulation      called as block(x, c, rope)
+        model.final_layer      .norm_final, .linear, .adaLN_modulation             called as final_layer(x, c)
+        model.in_context_len, model.in_context_start (optional)                     JiT's in-context class tokens
+
+    norm1 / norm2 / norm_final must be RMSNorms (their `weight` is read at every call). Every
+    `modulate(norm(x), shift, scale)` becomes `rmsnorm_modulate`; with fuse_residual, the gated residual adds are
+    fused with the norm that follows, inside each block and across blocks as in `patch_dit` — except into block
+    `in_context_start` (it sees the class tokens prepended) and into the final layer when class tokens are in use
+    (it sees them cut off), whose tokens are not the previous block's output. Attention, RoPE and qk-norm stay the
+    model's own (coredi_fast's JiT already calls the attention dispatcher). Activation checkpointing, wrapping and
+    sharding behave as for `patch_dit`; `unpatch_dit` / `is_dit_patched` undo and detect this patch too.
+    """
+    if not isinstance(fuse_residual, bool):
+        raise TypeError(f"patch_jit: fuse_residual must be a bool, got {fuse_residual!r}")
+    options = ("jit", fuse_residual)
+    existing = model.__dict__.get(_PATCH_ATTR) if isinstance(model, nn.Module) else None
+    if existing is not None:
+        if existing.options == options:
+            return model
+        unpatch_dit(model)
+    _check_jit_model(model)
+
+    record = _PatchRecord(options)
+    blocks = list(model.blocks)
+    consumers = blocks + [model.final_layer]
+    breaks = set()
+    if getattr(model, "in_context_len", 0):
+        breaks |= {int(getattr(model, "in_context_start", 0)), len(blocks)}
+    chain = _ResidualChain(model, consumers, frozenset(breaks)) if fuse_residual else None
+    for i, block in enumerate(blocks):
+        _set_forward(record, block, functools.partial(fused_jit_block_forward, block, chain, i))
+    final = model.final_layer
+    _set_forward(record, final, functools.partial(fused_jit_final_forward, final, chain, len(blocks)))
+    model.__dict__[_PATCH_ATTR] = record
+    return model

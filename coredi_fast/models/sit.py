@@ -376,9 +376,14 @@ MODEL_CONFIGS.update({
 _OVERRIDABLE = tuple(a for a in inspect.signature(SiT).parameters if a != "name")
 
 
-def list_models() -> list[str]:
-    """Names accepted by `create_model`: SiT-/DiT-{S,B,L,XL}/{2,4,8}, SiT-Tiny/{1,2,4}, SiT-Micro/{1,2}."""
-    return list(MODEL_CONFIGS)
+def list_models(include_jit: bool = False) -> list[str]:
+    """Names accepted by `create_model`: SiT-/DiT-{S,B,L,XL}/{2,4,8}, SiT-Tiny/{1,2,4}, SiT-Micro/{1,2}; with
+    include_jit also the pixel-space JiT-{B,L,H}/{16,32}, JiT-Tiny/{2,4}, JiT-Micro/2 (`jit.py`)."""
+    if not include_jit:
+        return list(MODEL_CONFIGS)
+    from .jit import JIT_MODEL_CONFIGS
+
+    return list(MODEL_CONFIGS) + list(JIT_MODEL_CONFIGS)
 
 
 def create_model(
@@ -395,7 +400,18 @@ def create_model(
     overrides: any other `SiT` argument (depth=, hidden_size=, num_heads=, mlp_ratio=, qk_norm=,
     grad_checkpointing=, projector_dims=, ...), replacing the zoo value. Unknown names raise ValueError (model)
     or TypeError (override); inconsistent sizes raise ValueError naming the argument.
+
+    Names starting with "JiT-" build the pixel-space `JiT` (`jit.create_jit_model`): there input_size is the image
+    side in pixels and in_channels the image channels (the defaults above are SiT's: pass both), the feature
+    channels go in `feature_channels=`, and learn_sigma must be False (JiT predicts x).
     """
+    if isinstance(name, str) and name.startswith("JiT-"):
+        from .jit import create_jit_model
+
+        if learn_sigma:
+            raise ValueError(f"learn_sigma=True: {name} predicts clean data (x-prediction), it has no sigma output")
+        return create_jit_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                class_dropout_prob=class_dropout_prob, **overrides)
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_CONFIGS)}")
     unknown = sorted(set(overrides) - set(_OVERRIDABLE))
