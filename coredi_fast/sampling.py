@@ -197,13 +197,16 @@ def _check_request(model, labels, image_channels, feature_channels, image_size, 
         raise ValueError(f"generator must be a CPU torch.Generator (noise is drawn on the CPU so results do not "
                          f"depend on the device), got one on {generator.device}")
 
-    config = getattr(_unwrap(model), "config", None) or {}
-    expected = config.get("in_channels")
+    net = _unwrap(model)
+    config = getattr(net, "config", None) or {}
+    expected, size = config.get("in_channels"), config.get("input_size")
+    if getattr(net, "input_shape", None) is not None:  # JiT: packed pixels (C·p² + d, H/p, W/p)
+        expected, size = net.input_shape[0], net.input_shape[-1]
     if expected is not None and expected != image_channels + feature_channels:
         raise ValueError(f"feature_channels={feature_channels}: the model takes in_channels={expected}, which is not "
                          f"image_channels ({image_channels}) + feature_channels")
-    if config.get("input_size") is not None and config["input_size"] != image_size:
-        raise ValueError(f"image_size={image_size} does not match the model's input_size={config['input_size']}")
+    if size is not None and size != image_size:
+        raise ValueError(f"image_size={image_size} does not match the model's input side {size}")
     num_classes = config.get("num_classes")
     if num_classes is not None and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}) for this model, got values in "
@@ -336,10 +339,11 @@ def generate(model: nn.Module, labels: torch.Tensor, *, image_channels: int, fea
 
 
 @torch.no_grad()
-def decode_to_uint8(x: torch.Tensor, vae=None) -> torch.Tensor:
+def decode_to_uint8(x: torch.Tensor, vae=None, pixel_patch: int = 1) -> torch.Tensor:
     """Model-space samples -> uint8 pixels (N, C, H, W) on the CPU.
 
-    Pixel models (vae None): x in [-1, 1] -> round((x + 1) * 127.5) clamped to [0, 255].
+    Pixel models (vae None): x in [-1, 1] -> round((x + 1) * 127.5) clamped to [0, 255]. JiT-style models work on
+    patchified pixels (N, C·p², H/p, W/p): pass `pixel_patch=p` to un-patchify first.
     Latent models: `vae.decode(x)` (a `LatentVAE`: scaled latents -> images in about [-1, 1]) on the VAE's device,
     then the same mapping.
     """
@@ -348,6 +352,8 @@ def decode_to_uint8(x: torch.Tensor, vae=None) -> torch.Tensor:
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     from .training.visuals import float_to_uint8
 
+    if pixel_patch > 1:
+        x = torch.nn.functional.pixel_shuffle(x, pixel_patch)
     if vae is not None:
         vae_device = _model_device(vae)
         x = vae.decode(x.to(vae_device))
@@ -380,6 +386,7 @@ class SamplingSpec(NamedTuple):
     vae_scale: float
     prediction: str
     weights: str = "ema"     # which weights were loaded: "ema" | "model"
+    pixel_patch: int = 1     # JiT: model space is patchified pixels (C·p² channels on the token grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +462,14 @@ def _spec_from_config(config: dict, model_config: dict, args) -> SamplingSpec:
     image_size = cfg.data.image_size // LATENT_DOWNSAMPLE if latent else cfg.data.image_size
     projector = cfg.method.projector
     feature_channels = 0 if projector.mode == "none" else projector.dim
+    if str(model_config.get("name", "")).startswith("JiT-"):  # packed pixels: C·p² channels on the token grid
+        p = int(model_config["patch_size"])
+        if model_config.get("in_channels") != image_channels or model_config.get("input_size") != image_size:
+            raise SamplingArgumentError(f"--ckpt: the JiT model_config {model_config} does not fit the config's "
+                                        f"{image_channels}-channel {image_size}px images")
+        return SamplingSpec(image_channels * p * p, feature_channels, image_size // p,
+                            int(model_config["num_classes"]), latent, cfg.vae.weights, cfg.vae.scale,
+                            args.prediction or cfg.method.prediction, pixel_patch=p)
     if model_config.get("in_channels") != image_channels + feature_channels:
         raise SamplingArgumentError(
             f"--ckpt: model_config has in_channels={model_config.get('in_channels')} but the config implies "
@@ -550,7 +565,9 @@ def load_sampling_model(args) -> Tuple[nn.Module, SamplingSpec]:
         raise SamplingArgumentError(f"--time-convention {args.time_convention}: this package's checkpoints use "
                                     f"SiT's convention (t = 1 is data); the option is for public REPA checkpoints")
     if ours:
-        model_config = dict(info["model_config"], projector_dims=[], grad_checkpointing=False)
+        model_config = dict(info["model_config"], grad_checkpointing=False)
+        if "projector_dims" in model_config:  # SiT: REPA's projectors are not needed to sample
+            model_config["projector_dims"] = []
         spec = _spec_from_config(info["config"], model_config, args)
     else:
         model_config, spec = _public_model_config(state_dict, args)
@@ -695,8 +712,8 @@ def _sample_and_save(args, dist_info: _Distributed) -> Path:
                                   guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
                                   rg_scale=args.rg_scale, prediction=spec.prediction, batch_size=args.batch_size,
                                   seeds=seeds, device=device, autocast_dtype=autocast, progress=rank == 0):
-        pixels.append(to_rgb_nhwc(decode_to_uint8(batch.images, vae)))
-    side = spec.image_size * (vae.downsample_factor if vae is not None else 1)
+        pixels.append(to_rgb_nhwc(decode_to_uint8(batch.images, vae, spec.pixel_patch)))
+    side = spec.image_size * (vae.downsample_factor if vae is not None else spec.pixel_patch)
     pixels = np.concatenate(pixels) if pixels else np.zeros((0, side, side, 3), np.uint8)  # more ranks than samples
 
     if world_size > 1:
