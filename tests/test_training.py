@@ -182,3 +182,51 @@ def test_fused_ops_train_the_same_as_plain_pytorch(single_run, tmp_path):
     assert a["model"].keys() == b["model"].keys()  # patching leaves the state dict (public SiT names) alone
     for name in a["model"]:
         torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_ema_trains_the_same_as_the_separate_ema(tmp_path):
+    # optim.fused_ema=on: AdamWEMA (the native CPU op when built, which CI requires) updates the EMA inside the
+    # optimizer pass; off: torch AdamW + the separate EMA. Same losses, weights and checkpoint "ema" entry (public
+    # SiT names, warm-up decay included), so resume and sampling do not see the difference.
+    from coredi_fast.optim import native
+
+    fused = train(tmp_path / "on", "run.steps=6", "optim.fused_ema=on")
+    train(tmp_path / "off", "run.steps=6", "optim.fused_ema=off")
+    backend = "native" if native.is_available("cpu") else "torch"
+    assert f"AdamWEMA ({backend} backend)" in fused.stdout
+    ref, _ = losses(tmp_path / "off")
+    got, _ = losses(tmp_path / "on")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    a, b = final_checkpoint(tmp_path / "off"), final_checkpoint(tmp_path / "on")
+    for key in ("model", "ema", "projector"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert b[key][name].dtype == a[key][name].dtype, (key, name)
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-4, atol=1e-5, msg=f"{key} {name}")
+    assert b["optimizer"]["state"] and all("ema" not in s for s in b["optimizer"]["state"].values())  # saved once
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_deepspeed_zero2_fused_ema_is_sharded_gathered_and_restored(single_run, tmp_path):
+    # ZeRO-2 hands AdamWEMA each rank's half of the flat fp32 parameters, so each rank holds half of the EMA. The
+    # checkpoint's "ema" entry gathers the halves (step 3); the resumed run scatters it back into the halves; the
+    # final gathered EMA equals the single-process run's.
+    pytest.importorskip("deepspeed")
+    ds = json.loads((ROOT / "ds_zero2.json").read_text())
+    ds["gradient_clipping"] = 0.0
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(ds))
+    first = train(tmp_path / "run", "run.steps=3", "optim.fused_ema=on", launcher="deepspeed", nproc=2,
+                  ds_config=config)
+    assert "AdamWEMA" in first.stdout
+    proc = train(tmp_path / "run", "run.steps=6", "optim.fused_ema=on", launcher="deepspeed", nproc=2,
+                 ds_config=config)
+    assert "resumed from" in proc.stdout
+    ref, _ = losses(single_run)
+    got, _ = losses(tmp_path / "run")
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
+    a, b = final_checkpoint(single_run), final_checkpoint(tmp_path / "run")
+    assert a["ema"].keys() == b["ema"].keys()
+    for name in a["ema"]:
+        torch.testing.assert_close(b["ema"][name], a["ema"][name], rtol=1e-4, atol=1e-5, msg=name)

@@ -90,6 +90,8 @@ class OptimConfig:
     grad_clip: float = 0.0            # 0 = off (ReDi); DeepSpeed takes it from its json ("gradient_clipping")
     ema_decay: float = 0.999          # ReDi/SiT: 0.9999 (a 2000-step demo needs a shorter memory)
     ema_warmup: bool = True           # ramp the decay up as min(decay, (1+k)/(10+k)); ReDi/SiT use a constant decay
+    fused_ema: str = "auto"           # AdamWEMA updates the EMA in the optimizer pass: auto (on when the native op is
+                                      # built for the device) | on | off (torch AdamW + a separate EMA update)
 
 
 @dataclass
@@ -192,6 +194,7 @@ class TrainConfig:
         _nonnegative("optim.grad_clip", o.grad_clip)
         if not 0.0 <= o.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
+        _choice("optim.fused_ema", o.fused_ema, ("auto", "on", "off"))
         s = self.sample
         _nonnegative("sample.every", s.every)
         _positive("sample.num_images", s.num_images)

@@ -127,6 +127,10 @@ class DeepSpeedEngine(Engine):
         super().__init__(module, optimizer, dist_info, precision, grad_clip)
         import deepspeed
 
+        from ..optim import AdamWEMA
+
+        if isinstance(optimizer, AdamWEMA):  # ZeRO accepts only optimizer types it lists, unless told otherwise
+            ds_config = dict(ds_config, zero_allow_untested_optimizer=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                                  config=ds_config)
         self.autocast_dtype = None  # DeepSpeed's own torch_autocast section decides
@@ -163,11 +167,18 @@ class DeepSpeedEngine(Engine):
 
 
 def build_optimizer(param_groups: list, lr: float, betas, weight_decay: float, eps: float,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW as in ReDi/SiT (fused on CUDA). Each group remembers its base lr for warm-up scaling."""
+                    device: torch.device, fused_ema: bool = False, ema_decay: float = 0.9999) -> torch.optim.Optimizer:
+    """AdamW as in ReDi/SiT (fused on CUDA). With `fused_ema`: `coredi_fast.optim.AdamWEMA`, the same AdamW that
+    also updates an fp32 EMA (decay `ema_decay`) in the same pass; its EMA is saved by the trainer, not in the
+    optimizer state. Each group remembers its base lr for warm-up scaling."""
     for group in param_groups:
         group.setdefault("lr", lr)
         group["base_lr"] = group["lr"]
+    if fused_ema:
+        from ..optim import AdamWEMA
+
+        return AdamWEMA(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps,
+                        ema_decay=ema_decay, ema_in_state_dict=False)
     kwargs = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, **kwargs)
 

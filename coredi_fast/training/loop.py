@@ -22,10 +22,12 @@ from typing import Optional
 
 import torch
 
+from ..optim import ema_view, resolve_fused_ema
+from ..profiling import ProfilerWindow, annotate_module, nvtx_range
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
                        image_stream_shape, merge_statistics, use_fused_ops)
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, parse_step_window
+from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
 from .ema import EMA
 from .engine import TrainModule, build_engine, build_optimizer
@@ -89,10 +91,27 @@ class Trainer:
         o = cfg.optim
         groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr": o.lr,
                    "weight_decay": o.weight_decay, "name": "denoiser"}]
-        groups += self.objective.projector.param_groups(o.lr, o.weight_decay)
-        optimizer = build_optimizer(groups, o.lr, o.betas, o.weight_decay, o.eps, self.device)
+        projector_groups = self.objective.projector.param_groups(o.lr, o.weight_decay)
+        # optim.fused_ema: AdamWEMA updates the denoiser's fp32 EMA inside the optimizer pass (the projector has none,
+        # as with the separate EMA); the checkpoint's "ema" entry is the same either way.
+        self.fused_ema = resolve_fused_ema(o.fused_ema, self.device)
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else None
+        if self.fused_ema and zero_stage not in (None, 1, 2):  # the EMA view knows ZeRO-1/2's partitions only
+            if o.fused_ema == "on":
+                raise ValueError(f"optim.fused_ema=on works with DeepSpeed ZeRO stage 1 or 2, the json says stage "
+                                 f"{zero_stage}; set optim.fused_ema=off")
+            self.fused_ema = False
+        if self.fused_ema:
+            for group in projector_groups:
+                group["ema"] = False
+        optimizer = build_optimizer(groups + projector_groups, o.lr, o.betas, o.weight_decay, o.eps, self.device,
+                                    fused_ema=self.fused_ema, ema_decay=o.ema_decay)
         self.engine = build_engine(self.module, optimizer, dist, cfg.run.precision, o.grad_clip, ds_config)
-        self.ema = EMA(self.denoiser, o.ema_decay)
+        self.ema = ema_view(self.denoiser, self.engine.optimizer) if self.fused_ema else EMA(self.denoiser, o.ema_decay)
+        if dist.is_main:
+            print(f"optimizer: {_describe_optimizer(optimizer)}", flush=True)
+        if self.device.type == "cuda" and cfg.model.compile != "model":  # not inside a whole-model graph
+            annotate_module(self.denoiser, "denoiser", methods=("forward", "forward_tokens"))
 
         self.step = 0
         self.skipped_steps = 0
@@ -130,10 +149,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _payload(self) -> dict:
+    def _payload(self, ema: dict) -> dict:
         return {
             "model": self.denoiser.state_dict(),
-            "ema": self.ema.state_dict(),
+            "ema": ema,
             "projector": self.objective.projector.state_dict(),
             "optimizer": self.engine.optimizer_state() if self.engine.kind != "deepspeed" else None,
             "rng": rng_state(),
@@ -151,9 +170,10 @@ class Trainer:
             from .checkpoint import atomic_torch_save
 
             atomic_torch_save(self.engine.optimizer_state(), part)
+        ema = self.ema.state_dict()  # every rank: under ZeRO with the fused EMA this gathers the shards
         barrier()
         if self.dist.is_main:
-            path = save_checkpoint(self.out, self.step, self._payload(), keep_last=self.cfg.run.keep_checkpoints)
+            path = save_checkpoint(self.out, self.step, self._payload(ema), keep_last=self.cfg.run.keep_checkpoints)
             if self.engine.kind == "deepspeed":
                 for old in (self.out / "checkpoints").glob("step-*.optim-rank*.pt"):
                     if not (self.out / "checkpoints" / (old.name.split(".optim")[0] + ".pt")).exists():
@@ -207,7 +227,7 @@ class Trainer:
             x = images.float() / 127.5 - 1.0
         features = None
         if self.encoder is not None:
-            with torch.no_grad():
+            with torch.no_grad(), nvtx_range("encoder"):
                 features = self.encoder(images)
         return x, features, batch["label"].to(self.device, non_blocking=True)
 
@@ -220,7 +240,8 @@ class Trainer:
         noise = noise.slice(*_rank_slice(self.dist, cfg.data.global_batch_size))
         if cfg.optim.warmup_steps:
             self.engine.set_lr_factor(min(1.0, (self.step + 1) / cfg.optim.warmup_steps))
-        out = self.engine(x, features, y, noise)
+        with nvtx_range("forward"):
+            out = self.engine(x, features, y, noise)
         finite = torch.isfinite(out.loss.detach()).float()
         if self.dist.distributed:  # every rank must agree to skip
             finite = all_reduce_mean(finite)
@@ -236,9 +257,15 @@ class Trainer:
             logs = dict(out.logs)
             logs["skipped"] = torch.tensor(1.0)
             return logs
-        self.engine.backward(out.loss)
-        grad_norm = self.engine.step()
-        self.ema.update(self.denoiser, self._ema_decay())
+        with nvtx_range("backward"):
+            self.engine.backward(out.loss)
+        decay = self._ema_decay()
+        if self.fused_ema:  # the optimizer step updates the EMA with this step's decay
+            self.ema.set_decay(decay)
+        with nvtx_range("optimizer"):
+            grad_norm = self.engine.step()
+        with nvtx_range("ema"):
+            self.ema.update(self.denoiser, decay)
         logs = dict(out.logs)
         if grad_norm is not None:
             logs["grad_norm"] = grad_norm
@@ -290,13 +317,14 @@ class Trainer:
         self.feature_vis.add(self.step, z.float().cpu())
 
     @torch.no_grad()
-    def save_samples(self) -> Path:
+    def save_samples(self, ema: Optional[dict] = None) -> Path:
+        """A grid from the EMA weights (`ema`: a state dict gathered beforehand on every rank, see `save`)."""
         from ..sampling import decode_to_uint8, generate
         from .visuals import save_image_grid
 
         s = self.cfg.sample
         model = build_denoiser(self.cfg, self.objective.model_channels, self.image_size, self.dataset.num_classes)
-        model.load_state_dict(self.ema.state_dict())
+        model.load_state_dict(ema if ema is not None else self.ema.state_dict())
         model.to(self.device).eval()
         labels = torch.arange(s.num_images) % self.dataset.num_classes
         x = generate(model, labels.to(self.device), image_channels=self.image_channels,
@@ -323,7 +351,7 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, r = self.cfg, self.cfg.run
-        profile = parse_step_window(r.profile_steps) if r.profile_steps else None
+        profile = ProfilerWindow.parse(r.profile_steps, self.device)  # nsys --capture-range=cudaProfilerApi
         progress = None
         if self.dist.is_main:
             from tqdm.auto import tqdm
@@ -333,20 +361,22 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         data = iter(self.loader)
         while self.step < r.steps:
-            try:
-                batch = next(data)
-            except StopIteration:  # next epoch
-                data = iter(self.loader)
-                batch = next(data)
-            if profile and self.step == profile[0] and self.device.type == "cuda":
-                torch.cuda.profiler.start()
-            logs = self.train_step(batch)
+            if profile:
+                profile.before_step(self.step)
+            with nvtx_range("step"):
+                with nvtx_range("data"):
+                    try:
+                        batch = next(data)
+                    except StopIteration:  # next epoch
+                        data = iter(self.loader)
+                        batch = next(data)
+                logs = self.train_step(batch)
             self.step += 1
             window_images += cfg.data.global_batch_size
             for k, v in logs.items():
                 window_logs.setdefault(k, []).append(v.detach().float())
-            if profile and self.step == profile[1] and self.device.type == "cuda":
-                torch.cuda.profiler.stop()
+            if profile:
+                profile.after_step(self.step)
 
             if r.log_every and (self.step % r.log_every == 0 or self.step == r.steps):
                 values = {k: torch.stack(v).mean() for k, v in window_logs.items()}
@@ -370,10 +400,14 @@ class Trainer:
             if r.feature_vis_every and (self.step % r.feature_vis_every == 0 or self.step == 1):
                 if self.dist.is_main:
                     self.snapshot_features()
-            if cfg.sample.every and self.step % cfg.sample.every == 0 and self.dist.is_main:
-                self.save_samples()
+            if cfg.sample.every and self.step % cfg.sample.every == 0:
+                ema = self.ema.state_dict()  # every rank (collective under ZeRO with the fused EMA)
+                if self.dist.is_main:
+                    self.save_samples(ema)
             if r.ckpt_every and self.step % r.ckpt_every == 0:
                 self.save()
+        if profile:
+            profile.close()
         if progress is not None:
             progress.close()
         return self.finish()
@@ -384,6 +418,7 @@ class Trainer:
         last = latest_checkpoint(self.out)
         if last is None or not last.name.endswith(f"{self.step:07d}.pt"):
             self.save()
+        ema = self.ema.state_dict()  # every rank (collective under ZeRO with the fused EMA)
         if self.dist.is_main:
             from .visuals import plot_loss_curves
 
@@ -392,7 +427,7 @@ class Trainer:
                 if self.feature_vis is None or self.feature_vis.steps[-1] != self.step:
                     self.snapshot_features()
                 written["feature_evolution"] = str(self.feature_vis.path)
-            written["samples"] = str(self.save_samples())
+            written["samples"] = str(self.save_samples(ema))
             self.metrics.close()
             if self.metrics.path.exists() and self.metrics.path.stat().st_size:
                 written["loss_curves"] = str(plot_loss_curves(self.metrics.path, self.out / "loss_curves.png"))
@@ -407,6 +442,14 @@ class Trainer:
             self.metrics.close()
         barrier()
         return written
+
+
+def _describe_optimizer(optimizer) -> str:
+    from ..optim import AdamWEMA
+
+    if isinstance(optimizer, AdamWEMA):
+        return f"AdamWEMA ({optimizer.backend} backend): AdamW and the fp32 EMA in one pass"
+    return f"torch.optim.AdamW{' (fused)' if optimizer.defaults.get('fused') else ''} + a separate fp32 EMA update"
 
 
 def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
