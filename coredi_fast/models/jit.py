@@ -491,3 +491,11 @@ def create_jit_model(name: str, input_size: int = 256, in_channels: int = 3, fea
     kwargs = {**JIT_MODEL_CONFIGS[name], **overrides}
     return JiT(input_size=input_size, in_channels=in_channels, feature_channels=feature_channels,
                num_classes=num_classes, class_dropout_prob=class_dropout_prob, name=name, **kwargs)
+
+
+def jit_patch_size(name: str, overrides: dict | None = None) -> int:
+    """The pixel patch size of zoo model `name` (an override `patch_size=` wins): what a trainer needs before it
+    builds the model, to patchify the pixels."""
+    if name not in JIT_MODEL_CONFIGS:
+        raise ValueError(f"unknown JiT model name {name!r}; valid names: {', '.join(JIT_MODEL_CONFIGS)}")
+    return int((overrides or {}).get("patch_size", JIT_MODEL_CONFIGS[name]["patch_size"]))

@@ -35,8 +35,25 @@ def build_dataset(cfg: TrainConfig):
     return RepaFolderDataset(path)
 
 
-def image_stream_shape(dataset) -> tuple[int, int]:
-    """(channels, side) of what the denoiser diffuses: VAE latents when the data set stores moments, else pixels."""
+def pixel_patch(cfg: TrainConfig) -> int:
+    """JiT models diffuse patchified pixels (p x p patches folded into channels); 1 for every other model."""
+    if not cfg.is_jit:
+        return 1
+    from ..models.jit import jit_patch_size
+
+    return jit_patch_size(cfg.model.name, cfg.model.overrides)
+
+
+def image_stream_shape(dataset, cfg: TrainConfig) -> tuple[int, int]:
+    """(channels, side) of what the denoiser diffuses: VAE latents when the data set stores moments, else pixels;
+    for JiT, pixels patchified into (C·p², S/p) so its token grid meets the encoder's grid without resizing."""
+    p = pixel_patch(cfg)
+    if p > 1 or cfg.is_jit:
+        if dataset.has_moments:
+            raise ValueError(f"model.name={cfg.model.name!r} is a pixel-space model, but data.path holds VAE latents")
+        if dataset.image_size % p:
+            raise ValueError(f"data.image_size={dataset.image_size} is not divisible by the JiT patch size {p}")
+        return dataset.channels * p * p, dataset.image_size // p
     if dataset.has_moments:
         c2, h, w = dataset.moments_shape
         if h != w:
@@ -95,6 +112,18 @@ def build_denoiser(cfg: TrainConfig, in_channels: int, image_size: int, num_clas
     """The SiT/DiT; with `fused`, coredi_kernels' fused LayerNorm+modulate(+residual) and attention dispatch are
     swapped in (`patch_dit`: same parameters and state dict, same numbers)."""
     m = cfg.model
+    if cfg.is_jit:  # sizes in pixels / image channels; the trainer's (in_channels, image_size) are the packed ones
+        p = pixel_patch(cfg)
+        feature_channels = cfg.method.projector.channels
+        model = create_model(m.name, input_size=image_size * p, in_channels=(in_channels - feature_channels) // (p * p),
+                             feature_channels=feature_channels, num_classes=num_classes,
+                             class_dropout_prob=m.class_dropout_prob, grad_checkpointing=m.grad_checkpointing,
+                             **m.overrides)
+        if fused:
+            from coredi_kernels import patch_jit
+
+            patch_jit(model)
+        return model
     model = create_model(m.name, input_size=image_size, in_channels=in_channels, num_classes=num_classes,
                          learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
                          grad_checkpointing=m.grad_checkpointing, **m.overrides)

@@ -154,7 +154,14 @@ class TrainConfig:
             return "the vf regularizer needs the unfused path"
         if m.prediction != "velocity":
             return "x-prediction"
+        if self.is_jit:
+            return "JiT models embed their own patches"
         return None
+
+    @property
+    def is_jit(self) -> bool:
+        """JiT-style pixel transformers work on patchified pixels (see `coredi_fast.models.jit`)."""
+        return self.model.name.startswith("JiT-")
 
     # --------------------------------------------------------------- validation
 
@@ -170,8 +177,9 @@ class TrainConfig:
         _choice("data.loader", self.data.loader, ("auto", "torch", "dali"))
         from ..models import list_models
 
-        if self.model.name not in list_models():
-            raise ValueError(f"model.name={self.model.name!r} is not a known model; choose from {list_models()}")
+        if self.model.name not in list_models(include_jit=True):
+            raise ValueError(f"model.name={self.model.name!r} is not a known model; choose from "
+                             f"{list_models(include_jit=True)}")
         _choice("model.compile", self.model.compile, ("none", "blocks", "model"))
         _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
         if not 0.0 <= self.model.class_dropout_prob < 1.0:

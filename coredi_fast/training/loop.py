@@ -25,7 +25,7 @@ import torch
 from ..optim import ema_view, resolve_fused_ema
 from ..profiling import ProfilerWindow, annotate_module, nvtx_range
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
-                       image_stream_shape, merge_statistics, use_fused_ops)
+                       image_stream_shape, merge_statistics, pixel_patch, use_fused_ops)
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
@@ -67,7 +67,8 @@ class Trainer:
         from ..data import build_loader
 
         self.dataset = build_dataset(cfg)
-        self.image_channels, self.image_size = image_stream_shape(self.dataset)
+        self.image_channels, self.image_size = image_stream_shape(self.dataset, cfg)
+        self.pixel_patch = pixel_patch(cfg)
         self.latent_space = bool(self.dataset.has_moments)
         self.loader = build_loader(self.dataset, global_batch_size=cfg.data.global_batch_size, rank=dist.rank,
                                    world_size=dist.world_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
@@ -225,6 +226,8 @@ class Trainer:
             x = sample_posterior(moments, layout=self.loader.moments_layout, scale=cfg.vae.scale, noise=eps)
         else:
             x = images.float() / 127.5 - 1.0
+            if self.pixel_patch > 1:  # JiT: p x p pixel patches folded into channels on the token grid
+                x = torch.nn.functional.pixel_unshuffle(x, self.pixel_patch)
         features = None
         if self.encoder is not None:
             with torch.no_grad(), nvtx_range("encoder"):
@@ -332,7 +335,7 @@ class Trainer:
                      sampler=s.sampler, method=s.method, steps=s.steps, cfg_scale=s.cfg_scale,
                      guidance_on=s.guidance_on, prediction=self.cfg.method.prediction,
                      generator=torch.Generator().manual_seed(self.cfg.run.seed), device=self.device)
-        images = decode_to_uint8(x, self._decoder())
+        images = decode_to_uint8(x, self._decoder(), self.pixel_patch)
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         nrow = self.dataset.num_classes if s.num_images % self.dataset.num_classes == 0 else None
         save_image_grid(images.cpu(), path, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
