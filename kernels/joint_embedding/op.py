@@ -21,7 +21,7 @@ features, x, the noises, t, feature_keep, feature_mean/std or the running statis
 needs them: the encoder is frozen and the data and noise are inputs); an autograd graph through those inputs sees
 zero gradient. `target` is always detached (the stop-gradient target of CoReDi). Double backward is not supported.
 
-Why `custom_op` and not `triton_op`: see `coredi_kernels.layernorm_modulate.op` (the backend is picked at every
+Why `custom_op` and not `triton_op`: see `coredi_kernels.norm_modulate.op` (the backend is picked at every
 call, also under torch.compile, and the registration tested on CPU is the one that runs on the GPU).
 """
 import math
