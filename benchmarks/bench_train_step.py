@@ -6,8 +6,9 @@
 
 The step is the trainer's (`coredi_fast.training.loop.Trainer.train_step`, minus logging): a VAE latent sampled
 from stored moments, the frozen DINOv2-B/14-reg (random init; bf16 autocast on GPU) on 256-px uint8 images resized
-to 224, the CoReDi objective (learned projector + BatchNorm + ortho regularizer, joint loss), bf16 autocast over
-fp32 weights, backward, AdamW, the fp32 EMA, and the trainer's non-finite check (one host sync per step).
+to 224, the CoReDi objective (learned projector + BatchNorm + the default cov regularizer, joint loss), bf16
+autocast over fp32 weights, backward, AdamW, the fp32 EMA, and the trainer's non-finite check (one host sync per
+step).
 
 Providers (each builds its own model from the same seed; the table's "x compile" is the speed-up over `compile`):
     eager          plain PyTorch: SDPA attention, torch AdamW(fused) + the separate foreach EMA
@@ -101,7 +102,7 @@ def train_config(profile: str, model_name: str, fused: bool, fused_ema: bool):
         return load_config(str(ROOT / "configs" / "imagenet256_coredi_xl.yaml"), overrides)
     dim = p["encoder_kwargs"]["embed_dim"]
     return load_config(None, overrides + [f"method.projector.feature_dim={dim}", "method.projector.dim=4",
-                                          "method.projector.regularizer=ortho", "model.learn_sigma=false"])
+                                          "method.projector.regularizer=cov", "model.learn_sigma=false"])
 
 
 class TrainStep:

@@ -19,6 +19,16 @@ def test_shipped_imagenet_configs_validate(name, mode):
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
 
 
+def test_shipped_jit_config_validates_with_jits_recipe():
+    cfg = load_config(str(CONFIGS / "imagenet256_jit_b16_coredi.yaml"))
+    assert cfg.is_jit and cfg.model.name == "JiT-B/16" and cfg.method.prediction == "x"
+    assert (cfg.method.time_sampling, cfg.method.time_mean, cfg.method.time_std) == ("logit_normal", -0.8, 0.8)
+    # JiT's lr rule: base lr 5e-5 per 256 images; 5 warm-up epochs of ImageNet's 1281167 training images.
+    assert cfg.optim.lr == pytest.approx(5e-5 * cfg.data.global_batch_size / 256)
+    assert cfg.optim.warmup_steps == round(5 * 1281167 / cfg.data.global_batch_size)
+    assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
+
+
 def test_demo_config_file_equals_the_embedded_defaults():
     assert load_config(str(CONFIGS / "demo_digits.yaml")) == load_config(None)
 

@@ -50,7 +50,7 @@ def test_config_errors_name_the_field(kwargs, field):
 
 def test_config_mode_defaults():
     learned = ProjectorConfig()
-    assert (learned.norm, learned.regularizer, learned.dim, learned.feature_dim) == ("batchnorm", "ortho", 8, 768)
+    assert (learned.norm, learned.regularizer, learned.dim, learned.feature_dim) == ("batchnorm", "cov", 8, 768)
     pca = ProjectorConfig(mode="pca")
     assert (pca.norm, pca.regularizer, pca.channels) == ("none", "none", 8)
     assert ProjectorConfig(mode="none").channels == 0
@@ -213,7 +213,8 @@ def test_orthogonal_and_random_init():
 
 def test_reg_loss_is_weighted_regularizer(statistics):
     x = torch.tensor(_raw_features(10), dtype=torch.float32)
-    ortho = FeatureProjector(ProjectorConfig(feature_dim=D, dim=d, init="random", reg_weight=0.3), statistics)
+    ortho = FeatureProjector(ProjectorConfig(feature_dim=D, dim=d, init="random", regularizer="ortho",
+                                             reg_weight=0.3), statistics)
     w = ortho.weight.detach().double().numpy()
     out = ortho(x)
     expected = np.sum((w.T @ w - np.eye(d)) ** 2)

@@ -85,8 +85,9 @@ class ProjectorConfig:
     feature_scale: constant gain after the norm. BatchNorm gives channels of std 1 where ReDi's PCA channels have
         std 3.6-5.8; a larger gain restores a higher feature SNR (semantics denoised earlier).
     stop_gradient: detach the regression target (CoReDi). False is the ablation that collapses.
-    regularizer: "ortho" | "cov" | "vf" | "none" against dimensional collapse. None: ortho for learned, none
-        otherwise (a fixed projection has nothing to regularize).
+    regularizer: "ortho" | "cov" | "vf" | "none" against dimensional collapse. None: cov for learned, none
+        otherwise (a fixed projection has nothing to regularize). cov is the default from the CPU study
+        (docs/study: best of the four regularizers on 3/3 seeds, full effective rank, least drift from PCA).
     reg_weight: weight of the regularizer in the total loss.
     vf_margin_cos, vf_margin_dist: VA-VAE's margins m1, m2 of the vf regularizer.
     lr_scale: W's learning rate is base_lr * lr_scale (see `FeatureProjector.param_groups`).
@@ -120,7 +121,7 @@ class ProjectorConfig:
         if self.norm is None:
             self.norm = "batchnorm" if self.mode == "learned" else "none"
         if self.regularizer is None:
-            self.regularizer = "ortho" if self.mode == "learned" else "none"
+            self.regularizer = "cov" if self.mode == "learned" else "none"
         _check_choice("norm", self.norm, NORMS)
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
         if self.init is not None:
