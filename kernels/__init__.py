@@ -3,9 +3,11 @@
     from coredi_kernels import patch_dit
     patch_dit(model)        # SiT/DiT/REPA/ReDi-style model: fused LayerNorm+modulate(+gated residual), attention dispatch
 
-Ops: `layernorm_modulate`, `gated_residual_layernorm_modulate`, `joint_embedding` (CoReDi's projection + norm +
-statistics + resize + noise + patch embedding), `attention` (FlashAttention / cuDNN / flash / efficient SDPA /
-xformers / math, with `explain_attention` saying why each was or was not chosen).
+Ops: `layernorm_modulate`, `gated_residual_layernorm_modulate`, `rmsnorm_modulate`,
+`gated_residual_rmsnorm_modulate`, `qk_norm_rope` (JiT's per-head q/k RMSNorm + 2D RoPE on the packed qkv),
+`joint_embedding` (CoReDi's projection + norm + statistics + resize + noise + patch embedding), `attention`
+(FlashAttention / cuDNN / flash / efficient SDPA / xformers / math, with `explain_attention` saying why each was or
+was not chosen).
 
 Every op runs its Triton kernels on CUDA tensors and the same math in PyTorch elsewhere; `force_backend` or the
 environment variable COREDI_KERNELS_BACKEND (triton | torch | auto) overrides the choice.
@@ -20,6 +22,7 @@ from .layernorm_modulate import (
     layernorm_modulate,
 )
 from .patch import is_dit_patched, patch_dit, patch_jit, unpatch_dit
+from .qk_norm_rope import QKNormRoPE, qk_norm_rope
 from .rmsnorm_modulate import (
     GatedResidualRMSNormModulate,
     RMSNormModulate,
@@ -50,4 +53,6 @@ __all__ = [
     "force_backend",
     "gated_residual_layernorm_modulate",
     "layernorm_modulate",
+    "qk_norm_rope",
+    "QKNormRoPE",
 ]

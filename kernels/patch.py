@@ -1,5 +1,6 @@
 """`patch_dit(model)`: swap coredi_kernels' fused ops into a SiT/DiT/REPA/ReDi-style model, in place.
-(`patch_jit(model)`, at the end of this file, does the same with the RMSNorm ops for JiT-style models.)
+(`patch_jit(model)`, at the end of this file, does the same with the RMSNorm ops and the fused qk-norm + RoPE for
+JiT-style models.)
 
 The model is found by attribute names only (it may be coredi_fast's SiT or the public SiT/DiT code built on timm's
 `Attention`/`Mlp`):
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from .attention import attention as dispatch_attention
 from .layernorm_modulate import gated_residual_layernorm_modulate, layernorm_modulate
+from .qk_norm_rope import qk_norm_rope
 from .rmsnorm_modulate import gated_residual_rmsnorm_modulate, rmsnorm_modulate
 
 _PATCH_ATTR = "_coredi_patch"
@@ -352,6 +354,54 @@ def fused_jit_final_forward(final: nn.Module, chain: Optional[_ResidualChain], i
     return final.linear(normed)
 
 
+def _qk_rope_fusable(attn: nn.Module) -> bool:
+    """True for a JiT-style attention the fused qk-norm + RoPE forward can replace: qkv and proj layers, num_heads,
+    RMSNorm q_norm / k_norm (their weight and eps are read at every call)."""
+    return (all(getattr(attn, name, None) is not None for name in ("qkv", "proj", "num_heads"))
+            and _is_rmsnorm(getattr(attn, "q_norm", None)) and _is_rmsnorm(getattr(attn, "k_norm", None)))
+
+
+def _eps_attribute(norm: nn.Module):
+    """An RMSNorm's eps as configured (None: the input dtype's machine epsilon)."""
+    eps = getattr(norm, "eps", None)
+    return eps if eps is not None else getattr(norm, "variance_epsilon", None)
+
+
+def _rope_tables(rope) -> Optional[tuple]:
+    """coredi_fast's JiT passes rope as (cos, sin) (T, Dh/2) tables, or None: -> (cos, sin) / (None, None); any
+    other form (public JiT's rotary module, called on q and k) -> None: the fused op does not apply."""
+    if rope is None:
+        return None, None
+    if isinstance(rope, (tuple, list)) and len(rope) == 2 and all(isinstance(t, Tensor) for t in rope):
+        return tuple(rope)
+    return None
+
+
+def fused_jit_attention_forward(attn: nn.Module, x: Tensor, rope=None) -> Tensor:
+    """JiT self-attention with qk-norm + RoPE fused: x (B, T, D), rope (cos, sin) (T, Dh/2) or None -> (B, T, D).
+
+    qkv -> `qk_norm_rope` (one pass from the packed projection to q, k, v in attention's layout) -> the attention
+    dispatcher with the model's scale (default 1/sqrt(Dh)) -> proj (-> proj_drop), as coredi_fast's JiTAttention.
+    Calls the model's own forward when the fused path would compute something else: attention dropout in training
+    (the dispatcher has none), q_norm and k_norm with different eps, or a rope that is not a (cos, sin) pair.
+    """
+    tables = _rope_tables(rope)
+    attn_drop = getattr(attn, "attn_drop", None)
+    dropout = attn.training and attn_drop is not None and getattr(attn_drop, "p", 0.0) > 0
+    if tables is None or dropout or _eps_attribute(attn.q_norm) != _eps_attribute(attn.k_norm):
+        return type(attn).forward(attn, x, rope)
+    B, T, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1)                 # (B, T, 3, H, Dh)
+    # eps from qkv: an nn.RMSNorm(eps=None) uses the machine epsilon of the dtype it normalizes (q's, under autocast
+    # not x's).
+    (q_weight, eps), (k_weight, _) = _rmsnorm_args(attn.q_norm, qkv), _rmsnorm_args(attn.k_norm, qkv)
+    q, k, v = qk_norm_rope(qkv, q_weight, k_weight, *tables, eps)            # 3 x (B, H, T, Dh)
+    out = dispatch_attention(q, k, v, scale=getattr(attn, "scale", None))  # (B, H, T, Dh)
+    out = attn.proj(out.transpose(1, 2).reshape(B, T, -1))                 # (B, T, D)
+    proj_drop = getattr(attn, "proj_drop", None)
+    return proj_drop(out) if proj_drop is not None else out
+
+
 def _check_rmsnorm(norm, path: str) -> None:
     if not _is_rmsnorm(norm):
         raise ValueError(f"patch_jit: `{path}` must be an RMSNorm over the last dim (a JiT-style model), got "
@@ -377,8 +427,8 @@ def _check_jit_model(model: nn.Module) -> None:
     _check_rmsnorm(model.final_layer.norm_final, "model.final_layer.norm_final")
 
 
-def patch_jit(model: nn.Module, *, fuse_residual: bool = True) -> nn.Module:
-    """Swap the fused RMSNorm + modulate ops into a JiT-style model in place; returns the model.
+def patch_jit(model: nn.Module, *, fuse_residual: bool = True, fuse_qk_rope: bool = True) -> nn.Module:
+    """Swap the fused RMSNorm + modulate ops (and qk-norm + RoPE) into a JiT-style model in place; returns the model.
 
     The model is found by attribute names (coredi_fast's JiT or JiT's public `model_jit.py`):
 
@@ -390,13 +440,19 @@ def patch_jit(model: nn.Module, *, fuse_residual: bool = True) -> nn.Module:
     `modulate(norm(x), shift, scale)` becomes `rmsnorm_modulate`; with fuse_residual, the gated residual adds are
     fused with the norm that follows, inside each block and across blocks as in `patch_dit` — except into block
     `in_context_start` (it sees the class tokens prepended) and into the final layer when class tokens are in use
-    (it sees them cut off), whose tokens are not the previous block's output. Attention, RoPE and qk-norm stay the
-    model's own (coredi_fast's JiT already calls the attention dispatcher). Activation checkpointing, wrapping and
+    (it sees them cut off), whose tokens are not the previous block's output.
+
+    With fuse_qk_rope, each block's attention whose `attn` has `qkv`, `proj`, `num_heads` and RMSNorm `q_norm` /
+    `k_norm` (others keep their forward) runs `fused_jit_attention_forward`: qkv projection -> `qk_norm_rope` (the
+    q/k RMSNorms and RoPE in one pass; their weights and eps read at every call) -> the attention dispatcher ->
+    proj, as coredi_fast's JiTAttention does (it calls the dispatcher too). It falls back to the model's forward per
+    call where fusing would change the result (see that function). Activation checkpointing, wrapping and
     sharding behave as for `patch_dit`; `unpatch_dit` / `is_dit_patched` undo and detect this patch too.
     """
-    if not isinstance(fuse_residual, bool):
-        raise TypeError(f"patch_jit: fuse_residual must be a bool, got {fuse_residual!r}")
-    options = ("jit", fuse_residual)
+    for arg, value in dict(fuse_residual=fuse_residual, fuse_qk_rope=fuse_qk_rope).items():
+        if not isinstance(value, bool):
+            raise TypeError(f"patch_jit: {arg} must be a bool, got {value!r}")
+    options = ("jit", fuse_residual, fuse_qk_rope)
     existing = model.__dict__.get(_PATCH_ATTR) if isinstance(model, nn.Module) else None
     if existing is not None:
         if existing.options == options:
@@ -413,6 +469,8 @@ def patch_jit(model: nn.Module, *, fuse_residual: bool = True) -> nn.Module:
     chain = _ResidualChain(model, consumers, frozenset(breaks)) if fuse_residual else None
     for i, block in enumerate(blocks):
         _set_forward(record, block, functools.partial(fused_jit_block_forward, block, chain, i))
+        if fuse_qk_rope and _qk_rope_fusable(block.attn):
+            _set_forward(record, block.attn, functools.partial(fused_jit_attention_forward, block.attn))
     final = model.final_layer
     _set_forward(record, final, functools.partial(fused_jit_final_forward, final, chain, len(blocks)))
     model.__dict__[_PATCH_ATTR] = record

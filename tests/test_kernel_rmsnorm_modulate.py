@@ -1,5 +1,5 @@
 """coredi_kernels RMSNorm + adaLN modulate (+ gated residual): values and every gradient against float64 math,
-and `patch_jit` (the fused ops swapped into a JiT) against the unpatched model.
+and `patch_jit` (the fused ops, qk-norm + RoPE included, swapped into a JiT) against the unpatched model.
 
 The tests shared with LayerNorm (both backends, tiles across samples, layouts, registration, bf16 error budget,
 GPU) live in norm_modulate_suite.py and run here for RMSNorm, with and without its weight (`TestRMSNormModulate`).
@@ -149,7 +149,7 @@ def assert_same(got, want, tol=None):
 
 
 class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the coredi RMSNorm ops that run."""
+    """Counts the coredi RMSNorm and qk-norm + RoPE ops that run."""
 
     def __init__(self):
         super().__init__()
@@ -157,7 +157,7 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
-        if "rmsnorm_modulate" in name:
+        if "rmsnorm_modulate" in name or "qk_norm_rope" in name:
             self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
@@ -204,6 +204,71 @@ def test_patched_jit_triton_kernels_under_the_interpreter():
     assert_same(got, want, tol=dict(atol=1e-4, rtol=1e-4))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_patched_jit_fuses_qk_norm_rope(backend):
+    """fuse_qk_rope: each block's q_norm, k_norm and RoPE run as one qk_norm_rope op (the Triton kernels under the
+    interpreter on CPU), with the unpatched model's outputs and every gradient (q_norm/k_norm weights included);
+    patching again with fuse_qk_rope=False restores the model's attention, and unpatching everything."""
+    model = tiny_jit()
+    x, t, y = jit_inputs(model, batch=2)
+    want = outputs_and_grads(model, x, t, y)
+    patched = patch_jit(copy.deepcopy(model), fuse_residual=False)  # fuse_qk_rope=True is the default
+    with force_backend(backend), OpCounter() as counter:
+        got = outputs_and_grads(patched, x, t, y)
+    assert counter.counts.get("coredi.qk_norm_rope_fwd") == len(model.blocks)
+    assert counter.counts.get("coredi.qk_norm_rope_bwd") == len(model.blocks)
+    assert_same(got, want, tol=dict(atol=1e-4, rtol=1e-4))
+    assert all(want[1][f"blocks.{i}.attn.{n}_norm.weight"].abs().max() > 0 for i in range(2) for n in "qk")
+
+    patch_jit(patched, fuse_residual=False, fuse_qk_rope=False)
+    assert all("forward" not in block.attn.__dict__ for block in patched.blocks)
+    with OpCounter() as counter:
+        assert_same(outputs_and_grads(patched, x, t, y), want)
+    assert "coredi.qk_norm_rope_fwd" not in counter.counts
+    unpatch_dit(patched)
+    assert_same(outputs_and_grads(patched, x, t, y), want, tol=dict(atol=0, rtol=0))
+
+
+def test_fused_jit_attention_falls_back_where_fusing_would_differ():
+    """The fused attention runs the model's own forward for attention dropout in training, q/k eps that differ and
+    a rope that is not a (cos, sin) pair; attentions without RMSNorm q_norm/k_norm are not patched at all."""
+    model = tiny_jit()
+    x, t, y = jit_inputs(model, batch=2)
+    patched = patch_jit(copy.deepcopy(model))
+    attn = patched.blocks[0].attn
+    tokens, rope = torch.randn(2, 16, 64), (patched.rope_cos, patched.rope_sin)
+    want = type(attn).forward(attn, tokens, rope)
+
+    def qk_ops(*args):
+        with OpCounter() as counter:
+            out = attn(*args)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        return counter.counts.get("coredi.qk_norm_rope_fwd", 0)
+
+    assert qk_ops(tokens, rope) == 1
+    attn.attn_drop = torch.nn.Dropout(0.5)  # the model's forward has no attention dropout: same values
+    assert qk_ops(tokens, rope) == 0
+    attn.eval()
+    assert qk_ops(tokens, rope) == 1
+    attn.k_norm.eps = 1e-5
+    with OpCounter() as counter:
+        attn(tokens, rope)
+    assert "coredi.qk_norm_rope_fwd" not in counter.counts
+    attn.k_norm.eps = attn.q_norm.eps
+
+    class Tables:  # an iterable the model's forward unpacks, but not a (cos, sin) pair: not fused
+        def __iter__(self):
+            return iter(rope)
+
+    assert qk_ops(tokens, Tables()) == 0 and qk_ops(tokens, rope) == 1
+
+    plain = tiny_jit()
+    plain.blocks[1].attn.k_norm = torch.nn.Identity()
+    patch_jit(plain)
+    assert "forward" in plain.blocks[0].attn.__dict__ and "forward" not in plain.blocks[1].attn.__dict__
+    plain(x, t, y)
+
+
 def test_patch_jit_refuses_models_it_cannot_fuse():
     sit = create_model("SiT-Micro/2", input_size=8, num_classes=10)
     with pytest.raises(ValueError, match=r"model.blocks.0.norm1.*RMSNorm"):
@@ -217,6 +282,8 @@ def test_patch_jit_refuses_models_it_cannot_fuse():
     assert not is_dit_patched(jit)
     with pytest.raises(TypeError, match="fuse_residual"):
         patch_jit(tiny_jit(), fuse_residual="yes")
+    with pytest.raises(TypeError, match="fuse_qk_rope"):
+        patch_jit(tiny_jit(), fuse_qk_rope=1)
 
 
 @pytest.mark.gpu
