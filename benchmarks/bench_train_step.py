@@ -14,7 +14,7 @@ Providers (each builds its own model from the same seed; the table's "x compile"
     eager          plain PyTorch: SDPA attention, torch AdamW(fused) + the separate foreach EMA
     compile        eager + `block.compile()` on every transformer block: the strong baseline (perf_anchors.md §1c)
     ours           coredi_kernels (patch_dit: fused LayerNorm+modulate and residuals, attention dispatch = cuDNN on
-                   Hopper; the fused joint embedding) + AdamWEMA's one-pass native AdamW+EMA when the library is
+                   Hopper; the fused joint embedding), the encoder replayed as a CUDA graph + AdamWEMA's one-pass native AdamW+EMA when the library is
                    built for the device (else torch AdamW + the separate EMA: the trainer's optim.fused_ema=auto);
                    the "optimizer" column of the table says which ran
     ours+compile   ours + the same per-block compile
@@ -127,6 +127,10 @@ class TrainStep:
             dtype = torch.bfloat16 if device.type == "cuda" else None
             self.encoder = DINOv2Encoder(DEFAULT_DINOV2, weights=None, img_size=p["encoder_size"], dtype=dtype,
                                          **p["encoder_kwargs"]).to(device)
+        if ours and device.type == "cuda":  # as the trainer does with encoder.cuda_graph (on by default)
+            from coredi_fast.encoders.cuda_graph import GraphedEncoder
+
+            self.encoder = GraphedEncoder(self.encoder)
         g = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (self.batch, 3, p["image"], p["image"]), generator=g,
                                     dtype=torch.uint8).to(device)

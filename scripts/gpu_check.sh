@@ -45,7 +45,8 @@ ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); prin
 stage native_build 150 python3 -m coredi_fast.optim.native build --cuda-arch "$ARCH" --jobs 16
 stage gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_kernel_layernorm_modulate.py tests/test_kernel_rmsnorm_modulate.py tests/test_kernel_qk_norm_rope.py \
-    tests/test_kernel_joint_embedding.py tests/test_kernel_attention.py tests/test_patch_dit.py tests/test_adamw_ema.py
+    tests/test_kernel_joint_embedding.py tests/test_kernel_attention.py tests/test_patch_dit.py tests/test_adamw_ema.py \
+    tests/test_encoder_cuda_graph.py
 # The SiT-XL/2 training step first among the benchmarks: it is the headline number (eager / per-block compile / ours).
 stage bench_blocks_and_step 240 env BENCH_TRAIN_MODELS=SiT-XL/2 python3 -m pytest -q -s -p no:cacheprovider \
     --bench-profile=real --benchmark-json="$OUT/bench_step.json" benchmarks/bench_dit_block.py benchmarks/bench_train_step.py

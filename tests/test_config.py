@@ -51,6 +51,7 @@ def test_partial_projector_override_keeps_mode_dependent_defaults():
     ("optim.lr=-1", "optim.lr"), ("run.steps=abc", "run.steps"), ("data.loader=fast", "data.loader"),
     ("method.projector.dim=65", "method.projector"), ("optim.lrr=1", "optim.lrr"), ("run.profile_steps=5:2", "A < B"),
     ("model.name=SiT-Huge/2", "model.name"), ("data.source=shards", "data.path"),
+    ("model.compile_mode=fastest", "model.compile_mode"), ("encoder.cuda_graph=sometimes", "encoder.cuda_graph"),
 ])
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ValueError, match=message):

@@ -143,8 +143,10 @@ class DINOv2Encoder(nn.Module):
         """images: uint8 (B, 3, H, W) in [0, 255] or float (B, 3, H, W) in [0, 1] → float32 (B, L, D) patch tokens."""
         # Weights cast with `.to(dtype)` (a parent's `.half()`) get inputs of their dtype; autocast handles its own.
         x = self.preprocess(images).to(self.model.patch_embed.proj.weight.dtype)
+        # No autocast weight-cast cache: each weight is cast once per forward anyway, and a cache that outlives a
+        # CUDA-graph capture would hand the graph tensors from outside its memory pool (see GraphedEncoder).
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
             tokens = self.model.forward_features(x)
         return tokens[:, self.num_prefix_tokens:].float()
 

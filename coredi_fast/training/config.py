@@ -40,6 +40,7 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     grad_checkpointing: bool = False
     compile: str = "none"             # none | blocks (torch.compile each transformer block) | model
+    compile_mode: str = "default"     # torch.compile mode; reduce-overhead adds CUDA graphs (static shapes only)
     fused_ops: str = "auto"           # auto (on CUDA) | on | off: coredi_kernels' patch_dit + fused joint embedding
     overrides: dict = field(default_factory=dict)   # extra create_model kwargs (depth=, hidden_size=, ...)
 
@@ -55,6 +56,7 @@ class EncoderConfig:
     dtype: str = "bf16"               # autocast dtype of the encoder on GPU (fp32 on CPU): bf16 | fp32
     statistics: Optional[str] = None  # FeatureStatistics file; computed at start-up when null
     statistics_batches: int = 32      # batches used when computed at start-up
+    cuda_graph: bool = True           # on a GPU, replay the encoder's forward as a CUDA graph (static shapes)
 
 
 @dataclass
@@ -181,6 +183,8 @@ class TrainConfig:
             raise ValueError(f"model.name={self.model.name!r} is not a known model; choose from "
                              f"{list_models(include_jit=True)}")
         _choice("model.compile", self.model.compile, ("none", "blocks", "model"))
+        _choice("model.compile_mode", self.model.compile_mode,
+                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
         if not 0.0 <= self.model.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.model.class_dropout_prob}")

@@ -76,17 +76,22 @@ class Trainer:
 
         # ---- frozen encoder, feature statistics, objective, denoiser
         self.encoder = build_encoder(cfg, self.device)
+        if self.encoder is not None and self.device.type == "cuda" and cfg.encoder.cuda_graph:
+            from ..encoders.cuda_graph import GraphedEncoder
+
+            self.encoder = GraphedEncoder(self.encoder)
         statistics = self._feature_statistics()
         fused = use_fused_ops(cfg, self.device)
         self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics, fused)
         self.denoiser = build_denoiser(cfg, self.objective.model_channels, self.image_size,
                                        self.dataset.num_classes, fused)
         self.module = TrainModule(self.denoiser, self.objective).to(self.device)
+        mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
         if cfg.model.compile == "blocks":
             for block in self.denoiser.blocks:
-                block.compile()
+                block.compile(mode=mode)
         elif cfg.model.compile == "model":
-            self.denoiser.compile()
+            self.denoiser.compile(mode=mode)
 
         # ---- optimizer, engine, EMA
         o = cfg.optim
