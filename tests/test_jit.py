@@ -372,7 +372,8 @@ def test_config_rebuilds_the_model():
     (dict(class_dropout_prob=1.5), ValueError, "class_dropout_prob"),
     (dict(proj_dropout=1.0), ValueError, "proj_dropout"),
     (dict(rope_theta=0), ValueError, "rope_theta"),
-    (dict(grad_checkpointing=1), TypeError, "grad_checkpointing"),
+    (dict(grad_checkpointing=1.5), TypeError, "grad_checkpointing"),
+    (dict(grad_checkpointing=3), ValueError, "grad_checkpointing"),
     (dict(learn_sigma=True), ValueError, "learn_sigma"),
     (dict(qk_norm=True), TypeError, "qk_norm"),
     (dict(name="JiT-XL/16"), ValueError, "JiT-XL/16"),
@@ -400,12 +401,15 @@ def test_bad_inputs_raise_naming_the_argument():
 # Forward behaviour
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_grad_checkpointing_gives_identical_gradients():
+@pytest.mark.parametrize("setting, recomputed", [(True, 3), (1, 1)])
+def test_grad_checkpointing_gives_identical_gradients(setting, recomputed):
+    """True recomputes every block, an int k the first k only; gradients are bit-identical either way."""
     plain = randomize_(micro(depth=3))
-    ckpt = micro(depth=3, grad_checkpointing=True)
+    ckpt = micro(depth=3, grad_checkpointing=setting)
     ckpt.load_state_dict(plain.state_dict())
-    calls = []
-    ckpt.blocks[2].register_forward_pre_hook(lambda *args: calls.append(1))
+    calls = [0, 0, 0]
+    for i, block in enumerate(ckpt.blocks):
+        block.register_forward_pre_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
     x, t, y = batch(plain)
     drop = torch.tensor([0, 1, 0, 0])
     losses = []
@@ -413,7 +417,7 @@ def test_grad_checkpointing_gives_identical_gradients():
         loss = model(x, t, y, force_drop_ids=drop).square().mean()
         loss.backward()
         losses.append(loss.detach())
-    assert len(calls) == 2                                          # forward + recomputation in backward
+    assert calls == [2] * recomputed + [1] * (3 - recomputed)      # forward (+ recomputation in the backward)
     torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
     grads = dict(ckpt.named_parameters())
     for name, param in plain.named_parameters():

@@ -261,6 +261,8 @@ def test_config_rebuilds_the_model():
     (dict(mlp_ratio=0.0), ValueError, "mlp_ratio"),
     (dict(class_dropout_prob=1.5), ValueError, "class_dropout_prob"),
     (dict(learn_sigma="yes"), TypeError, "learn_sigma"),
+    (dict(grad_checkpointing="all"), TypeError, "grad_checkpointing"),
+    (dict(grad_checkpointing=99), ValueError, "grad_checkpointing"),
     (dict(projector_dims=[24], encoder_depth=3), ValueError, "encoder_depth"),
     (dict(projector_dims=[0]), ValueError, "projector_dims"),
     (dict(foo=1), TypeError, "foo"),
@@ -297,12 +299,15 @@ def test_scalar_t_broadcasts():
 # Forward behaviour
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_grad_checkpointing_gives_identical_gradients():
+@pytest.mark.parametrize("setting, recomputed", [(True, 3), (2, 2)])
+def test_grad_checkpointing_gives_identical_gradients(setting, recomputed):
+    """True recomputes every block, an int k the first k only; gradients are bit-identical either way."""
     plain = randomize_(micro(depth=3))
-    ckpt = micro(depth=3, grad_checkpointing=True)
+    ckpt = micro(depth=3, grad_checkpointing=setting)
     ckpt.load_state_dict(plain.state_dict())
-    calls = []
-    ckpt.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))  # recompute may stop early
+    calls = [0, 0, 0]
+    for i, block in enumerate(ckpt.blocks):
+        block.register_forward_pre_hook(lambda *args, i=i: calls.__setitem__(i, calls[i] + 1))
     x, t, y = batch()
     drop = torch.tensor([0, 1, 0, 0])
     losses = []
@@ -310,7 +315,7 @@ def test_grad_checkpointing_gives_identical_gradients():
         loss = model(x, t, y, force_drop_ids=drop).square().mean()
         loss.backward()
         losses.append(loss.detach())
-    assert len(calls) == 2                                          # forward + recomputation in backward
+    assert calls == [2] * recomputed + [1] * (3 - recomputed)      # forward (+ recomputation in the backward)
     torch.testing.assert_close(losses[0], losses[1], atol=0, rtol=0)
     grads = dict(ckpt.named_parameters())
     for name, param in plain.named_parameters():

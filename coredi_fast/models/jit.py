@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import attention as attention_module
+from .checkpointing import checkpointed_block_count
 from .embeddings import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 from .rope import apply_rope, rope_2d_tables
 from .sit import _check_positive_int, gated_residual, modulate
@@ -237,7 +238,8 @@ class JiT(nn.Module):
     class_dropout_prob: label dropout to the null class `num_classes` in training (> 0 adds the null row).
     proj_dropout: dropout on the attention output and inside the SwiGLU of the middle half of the blocks
         (depth/4 <= i < 3·depth/4), as JiT (0 for B, 0.2 for H/16 in JiT's recipes).
-    rope_theta: RoPE base. grad_checkpointing: recompute each block in the backward (non-reentrant).
+    rope_theta: RoPE base. grad_checkpointing: recompute blocks in the backward (non-reentrant): True for every
+        block, an int k for the first k only (see `models/checkpointing.py`).
     name: the zoo name, recorded in `config` only; `create_model(**model.config)` rebuilds the model.
     """
 
@@ -258,7 +260,7 @@ class JiT(nn.Module):
         num_classes: int = 1000,
         proj_dropout: float = 0.0,
         rope_theta: float = 10000.0,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | int = False,
         name: str | None = None,
     ):
         config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -375,12 +377,14 @@ class JiT(nn.Module):
         c = self.t_embedder(t) + y_emb                                           # (B, D)
         tokens = self.embed(x)                                                   # (B, T, D)
         rope = (self.rope_cos, self.rope_sin)
+        recompute = checkpointed_block_count(self.grad_checkpointing, len(self.blocks))
+        recompute = recompute if torch.is_grad_enabled() else 0                 # blocks that recompute
         for i, block in enumerate(self.blocks):
             if self.in_context_len and i == self.in_context_start:
                 class_tokens = y_emb.unsqueeze(1) + self.in_context_posemb      # (B, L, D)
                 tokens = torch.cat([class_tokens.to(tokens.dtype), tokens], dim=1)  # (B, L + T, D)
                 rope = (self.rope_cos_in_context, self.rope_sin_in_context)
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if i < recompute:
                 tokens = checkpoint(block, tokens, c, rope, use_reentrant=False)
             else:
                 tokens = block(tokens, c, rope)
@@ -426,8 +430,7 @@ def _check_config(
             raise TypeError(f"{arg} must be an int, got {value!r}")
         if value < 0:
             raise ValueError(f"{arg} must be >= 0, got {value}")
-    if not isinstance(grad_checkpointing, bool):
-        raise TypeError(f"grad_checkpointing must be a bool, got {grad_checkpointing!r}")
+    checkpointed_block_count(grad_checkpointing, depth)
     if input_size % patch_size:
         raise ValueError(f"input_size ({input_size} pixels) must be divisible by patch_size ({patch_size})")
     if hidden_size % num_heads:

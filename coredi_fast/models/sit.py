@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import checkpointed_block_count
+
 from .attention import Attention
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
 
@@ -107,7 +109,8 @@ class SiT(nn.Module):
     class_dropout_prob: probability of replacing a label by the null class `num_classes` in training mode; > 0
         adds the null row to the embedding table (needed for classifier-free guidance).
     qk_norm: LayerNorm on per-head queries and keys (REPA's `--qk-norm`); off in SiT/DiT/ReDi.
-    grad_checkpointing: recompute each block in the backward pass (non-reentrant) to save activation memory.
+    grad_checkpointing: recompute blocks in the backward pass (non-reentrant) to save activation memory: True for
+        every block, an int k for the first k only (see `models/checkpointing.py`).
     projector_dims, projector_hidden_size, encoder_depth: REPA's alignment MLPs on the tokens after block
         `encoder_depth`, one per target feature width (e.g. [768]); empty (default) builds none.
     name: the model-zoo name, recorded in `config` only.
@@ -128,7 +131,7 @@ class SiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         qk_norm: bool = False,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | int = False,
         projector_dims: tuple[int, ...] | list[int] = (),
         projector_hidden_size: int = 2048,
         encoder_depth: int = 8,
@@ -234,8 +237,10 @@ class SiT(nn.Module):
         x = tokens                                                              # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         zs = []
+        recompute = checkpointed_block_count(self.grad_checkpointing, len(self.blocks))
+        recompute = recompute if torch.is_grad_enabled() else 0                 # blocks that recompute
         for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if i < recompute:
                 x = checkpoint(block, x, c, use_reentrant=False)               # (B, T, D)
             else:
                 x = block(x, c)                                                 # (B, T, D)
@@ -318,9 +323,10 @@ def _check_config(
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
                            projector_hidden_size=projector_hidden_size, encoder_depth=encoder_depth).items():
         _check_positive_int(arg, value)
-    for arg, value in dict(learn_sigma=learn_sigma, qk_norm=qk_norm, grad_checkpointing=grad_checkpointing).items():
+    for arg, value in dict(learn_sigma=learn_sigma, qk_norm=qk_norm).items():
         if not isinstance(value, bool):
             raise TypeError(f"{arg} must be a bool, got {value!r}")
+    checkpointed_block_count(grad_checkpointing, depth)
     if input_size % patch_size:
         raise ValueError(f"input_size ({input_size}) must be divisible by patch_size ({patch_size})")
     if hidden_size % num_heads:

@@ -14,7 +14,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..method.objective import ObjectiveConfig
 from ..method.projector import ProjectorConfig
@@ -38,7 +38,7 @@ class ModelConfig:
     name: str = "SiT-Tiny/2"
     learn_sigma: bool = False
     class_dropout_prob: float = 0.1
-    grad_checkpointing: bool = False
+    grad_checkpointing: Union[bool, int] = False   # true: every block recomputes; k: the first k blocks only
     compile: str = "none"             # none | blocks (torch.compile each transformer block) | model
     compile_mode: str = "default"     # torch.compile mode; reduce-overhead adds CUDA graphs (static shapes only)
     fused_ops: str = "auto"           # auto (on CUDA) | on | off: coredi_kernels' patch_dit + fused joint embedding
@@ -183,6 +183,9 @@ class TrainConfig:
             raise ValueError(f"model.name={self.model.name!r} is not a known model; choose from "
                              f"{list_models(include_jit=True)}")
         _choice("model.compile", self.model.compile, ("none", "blocks", "model"))
+        if not isinstance(self.model.grad_checkpointing, bool) and self.model.grad_checkpointing < 0:
+            raise ValueError(f"model.grad_checkpointing must be true/false or a block count >= 0, got "
+                             f"{self.model.grad_checkpointing}")
         _choice("model.compile_mode", self.model.compile_mode,
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
@@ -331,6 +334,10 @@ def _coerce(key: str, value: Any, hint: Any):
             return None
         hint = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and set(args) == {bool, int}:  # a switch or a count (model.grad_checkpointing)
+        if isinstance(value, int):
+            return value
+        raise ValueError(f"{key} must be true/false or an integer, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
