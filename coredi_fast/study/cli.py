@@ -22,7 +22,8 @@ from .variants import VARIANT_NAMES
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_KEY_SEEDS = (3, 4)
-KEY_VARIANTS = ("sit", "redi", "redi-bn", "coredi", "jit", "jit-coredi")
+KEY_VARIANTS = ("sit", "redi", "redi-bn", "coredi", "coredi-lz0.1", "jit", "jit-coredi",
+                "jit-coredi-lz0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:

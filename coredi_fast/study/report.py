@@ -29,7 +29,8 @@ from .variants import Variant
 METRICS = ("fd", "accuracy", "precision", "recall")
 MONITORS = ("effective_rank", "z_std_mean", "prenorm_std_mean", "pca_angle_mean_deg")
 PAIRS = (("coredi", "redi"), ("coredi", "redi-bn"), ("redi-bn", "redi"), ("coredi", "sit"), ("redi", "sit"),
-         ("jit-coredi", "jit"), ("jit", "sit"))
+         ("coredi-lz0.1", "sit"),
+         ("jit-coredi", "jit"), ("jit-coredi-lz0.1", "jit"), ("jit", "sit"))
 DEFAULT_CHOICES = {  # the ablations that decide each CoReDi default, compared with CoReDi's default run
     "regularizer": ("coredi", "coredi-cov", "coredi-vf", "coredi-no-reg"),
     "init": ("coredi", "coredi-orth-init"),
@@ -37,6 +38,7 @@ DEFAULT_CHOICES = {  # the ablations that decide each CoReDi default, compared w
     "norm": ("coredi", "coredi-no-norm"),
     "stop_gradient": ("coredi", "coredi-no-sg"),
     "feature_scale": ("coredi", "coredi-scaled"),
+    "feature_weight": ("coredi", "coredi-lz0.1"),
 }
 
 
@@ -174,7 +176,8 @@ def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequen
             reach[reference] = {n: steps_to_reach(steps, [m for m, _ in rows[n]["curve"]["fd"]], target)
                                 for n in names}
     groups = {v.name: v.group for v in variants if v.name in data}
-    return {"model": config.model, "jit_model": getattr(config, "jit_model", None), "steps": steps, "variants": names, "groups": groups, "rows": rows,
+    return {"model": config.model, "jit_model": getattr(config, "jit_model", None), "steps": steps, "variants": names,
+            "groups": groups, "rows": rows,
             "comparisons": comparisons,
             "default_choices": defaults, "steps_to_reach_final_fd_of": reach,
             "equal_time": {"budget_seconds": budget, "cheapest": cheapest}}
@@ -296,7 +299,7 @@ def plot_convergence(summary: dict, path: Path) -> Path:
     main += [n for n in summary["variants"] if groups.get(n) == "pixel"]
     ablations = ["coredi"] + [n for n in summary["variants"] if n not in main]
     fixed = {"sit": "black", "redi": "tab:blue", "redi-bn": "tab:purple", "coredi": "tab:red", "jit": "black",
-             "jit-coredi": "tab:red"}
+             "jit-coredi": "tab:red", "jit-coredi-lz0.1": "tab:orange"}
     others = iter(["tab:orange", "tab:green", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "gold",
                    "navy", "lime"] * 3)
     colors = {n: fixed.get(n) or next(others) for n in summary["variants"]}

@@ -173,14 +173,15 @@ def _build(variant: Variant, config: StudyConfig, data: StudyData) -> _Setup:
                                           class_dropout_prob=config.class_dropout)
         objective_config = ObjectiveConfig(image_channels=p * p, image_size=IMAGE_SIZE // p, prediction="x",
                                            time_sampling="logit_normal", time_mean=config.jit_time_mean,
-                                           time_std=config.jit_time_std)
+                                           time_std=config.jit_time_std, feature_weight=variant.feature_weight)
         inputs, prediction = patchify_images(data.pixels, p), "x"
     else:
         p = 1
         make_model = lambda: create_model(config.model, input_size=IMAGE_SIZE,  # noqa: E731
                                           in_channels=1 + pc.channels, num_classes=NUM_CLASSES,
                                           class_dropout_prob=config.class_dropout)
-        objective_config = ObjectiveConfig(image_channels=1, image_size=IMAGE_SIZE)
+        objective_config = ObjectiveConfig(image_channels=1, image_size=IMAGE_SIZE,
+                                           feature_weight=variant.feature_weight)
         inputs, prediction = data.pixels, "velocity"
     # The denoiser first, so ReDi and CoReDi (same channel count) start from the same weights for a given seed.
     model = make_model()
@@ -412,7 +413,8 @@ class StudyPlan:
     (more seeds where the paired comparison needs the power)."""
     variants: Tuple[str, ...] = VARIANT_NAMES
     seeds: Tuple[int, ...] = (0, 1, 2)
-    key_variants: Tuple[str, ...] = ("sit", "redi", "redi-bn", "coredi", "jit", "jit-coredi")
+    key_variants: Tuple[str, ...] = ("sit", "redi", "redi-bn", "coredi", "coredi-lz0.1", "jit", "jit-coredi",
+                                     "jit-coredi-lz0.1")
     extra_seeds: Tuple[int, ...] = ()
 
     def jobs(self) -> List[Tuple[str, int]]:

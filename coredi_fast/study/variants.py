@@ -27,13 +27,14 @@ class Variant:
     projector: `ProjectorConfig` fields; match_pca_scale: set feature_scale to the mean std of ReDi's PCA channels
     (computed from the feature statistics), to separate CoReDi's learned subspace from BatchNorm's unit variance;
     family: "sit" (the study config's `model`, velocity prediction, uniform t) or "jit" (its `jit_model`, JiT's
-    recipe: x-prediction, logit-normal t)."""
+    recipe: x-prediction, logit-normal t); feature_weight: λ_z, the feature loss's weight."""
     name: str
     label: str
     group: str
     projector: Dict[str, object] = field(default_factory=dict)
     match_pca_scale: bool = False
     family: str = "sit"
+    feature_weight: float = 1.0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -74,10 +75,13 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("coredi-lr0.1", "CoReDi, W learns 10x slower (lr_scale 0.1)", "ablation", _coredi(lr_scale=0.1)),
     Variant("coredi-scaled", "CoReDi, feature_scale = ReDi's channel std", "ablation", _coredi(),
             match_pca_scale=True),
+    Variant("coredi-lz0.1", "CoReDi, feature loss weight 0.1", "ablation", _coredi(), feature_weight=0.1),
     Variant("naive", "learned W, no sg, no norm, no reg", "ablation",
             _coredi(stop_gradient=False, norm="none", regularizer="none")),
     Variant("jit", "JiT pixel baseline (no features)", "pixel", dict(mode="none"), family="jit"),
     Variant("jit-coredi", "JiT + CoReDi features on the token grid", "pixel", _coredi(), family="jit"),
+    Variant("jit-coredi-lz0.1", "JiT + CoReDi, feature loss weight 0.1", "pixel", _coredi(), family="jit",
+            feature_weight=0.1),
 )
 VARIANT_NAMES: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
 
