@@ -49,6 +49,19 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sm_count(index)
 
 
+def rows_per_backward_program(rows: int, block: int, device: torch.device, min_rows: int, programs_per_sm: int,
+                              groups: int = 1) -> int:
+    """Rows per program for a row-wise backward whose `groups` independent groups of `rows` rows each are split into
+    programs that write fp32 partial sums: enough programs to fill the GPU (`programs_per_sm` per SM over all
+    groups), each at least `min_rows` rows so its partials stay cheap; rounded up to a multiple of `block`. On the
+    interpreter, one program per group (its cost grows with the number of programs)."""
+    if device.type != "cuda":
+        per_program = rows
+    else:
+        per_program = max(min_rows, cdiv(rows, cdiv(programs_per_sm * num_sms(device), groups)))
+    return cdiv(max(min(per_program, rows), 1), block) * block
+
+
 class RowTileConfig(NamedTuple):
     """How a row-wise kernel tiles a (rows, D) problem: BLOCK_M rows × BLOCK_D (>= D, power of two) columns."""
 

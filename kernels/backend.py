@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ._utils import has_triton, is_interpreter
+from ._utils import MAX_TRITON_COLUMNS, TRITON_DTYPES, has_triton, is_interpreter
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "COREDI_KERNELS_BACKEND"
@@ -60,6 +60,21 @@ def triton_unsupported_reasons(device: torch.device) -> list[str]:
     if device.type == "cpu":
         return [] if is_interpreter() else ["CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"]
     return [f"device type {device.type!r} is not supported by the Triton kernels"]
+
+
+def row_kernel_reasons(kernels_loaded: bool, tensors: Iterable, row_width: int, width_name: str) -> list[str]:
+    """A row-wise op's own objections to its Triton kernels (for `select_backend`): kernels that failed to import,
+    a tensor whose dtype they lack (None entries are absent arguments), rows too wide for registers."""
+    reasons = []
+    if not kernels_loaded:
+        reasons.append("the Triton kernels could not be imported")
+    for t in tensors:
+        if t is not None and t.dtype not in TRITON_DTYPES:
+            reasons.append(f"dtype {t.dtype} is not one of the kernels' dtypes {TRITON_DTYPES}")
+            break
+    if row_width > MAX_TRITON_COLUMNS:
+        reasons.append(f"{width_name} = {row_width} > {MAX_TRITON_COLUMNS} columns does not fit a row in registers")
+    return reasons
 
 
 def select_backend(op_name: str, device: torch.device, op_reasons: Iterable[str] = ()) -> str:

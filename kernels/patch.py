@@ -302,11 +302,15 @@ def _is_rmsnorm(norm) -> bool:
             and (getattr(norm, "eps", None) is not None or getattr(norm, "variance_epsilon", None) is not None))
 
 
+def _eps_attribute(norm: nn.Module):
+    """An RMSNorm's eps as configured (None: the input dtype's machine epsilon)."""
+    eps = getattr(norm, "eps", None)
+    return eps if eps is not None else getattr(norm, "variance_epsilon", None)
+
+
 def _rmsnorm_args(norm: nn.Module, x: Tensor) -> tuple[Optional[Tensor], float]:
     """(weight, eps) of an RMSNorm, read at call time (parameters may be swapped after patching)."""
-    eps = getattr(norm, "eps", None)
-    if eps is None:
-        eps = getattr(norm, "variance_epsilon", None)
+    eps = _eps_attribute(norm)
     if eps is None:  # nn.RMSNorm(eps=None) uses the input dtype's machine epsilon
         eps = torch.finfo(x.dtype).eps
     return norm.weight, float(eps)
@@ -359,12 +363,6 @@ def _qk_rope_fusable(attn: nn.Module) -> bool:
     RMSNorm q_norm / k_norm (their weight and eps are read at every call)."""
     return (all(getattr(attn, name, None) is not None for name in ("qkv", "proj", "num_heads"))
             and _is_rmsnorm(getattr(attn, "q_norm", None)) and _is_rmsnorm(getattr(attn, "k_norm", None)))
-
-
-def _eps_attribute(norm: nn.Module):
-    """An RMSNorm's eps as configured (None: the input dtype's machine epsilon)."""
-    eps = getattr(norm, "eps", None)
-    return eps if eps is not None else getattr(norm, "variance_epsilon", None)
 
 
 def _rope_tables(rope) -> Optional[tuple]:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .weights import load_config_checkpoint, save_config_checkpoint
+
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_vit.pt")
 
 
@@ -99,14 +101,8 @@ class DigitsEncoder(nn.Module):
         super().__init__()
         state = None
         if weights is not None:
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"digits encoder weights not found: {weights} "
-                                        "(make them with `python scripts/train_digits_encoder.py`)")
-            blob = torch.load(weights, map_location="cpu", weights_only=True)
-            if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-                raise ValueError(f"{weights} is not a digits encoder checkpoint (expects keys 'config', 'state_dict')")
-            config = DigitsViTConfig(**blob["config"])
-            state = blob["state_dict"]
+            saved, state = load_config_checkpoint(weights, "digits encoder", "scripts/train_digits_encoder.py")
+            config = DigitsViTConfig(**saved)
         self.vit = DigitsViT(config or DigitsViTConfig())
         if state is not None:
             self.vit.load_state_dict(state, strict=True)
@@ -132,6 +128,4 @@ class DigitsEncoder(nn.Module):
 
 def save_digits_encoder(model: DigitsViT, path: str) -> None:
     """Write {'config', 'state_dict'} atomically (loadable with weights_only=True)."""
-    tmp = path + ".tmp"
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    save_config_checkpoint(asdict(model.config), model.state_dict(), path)

@@ -256,3 +256,23 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
             parts.append(f"{len(mismatched)} shape mismatches: {listed(mismatched)}")
         raise ValueError(f"weights from {source} do not fit {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
+
+
+# ------------------------------------------------------------------ the small shipped models (digits ViT, judge)
+
+def save_config_checkpoint(config: dict, state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write {'config', 'state_dict'} atomically (temporary file, then rename); loadable with weights_only=True."""
+    tmp = f"{path}.tmp"
+    torch.save({"config": dict(config), "state_dict": dict(state_dict)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_config_checkpoint(path: str, kind: str, script: str) -> tuple[dict, dict]:
+    """(config, state_dict) of a file written by `save_config_checkpoint`. A missing file raises FileNotFoundError
+    naming it and the `script` that makes it; another kind of file raises ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{kind} weights not found: {path} (make them with `python {script}`)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a {kind} checkpoint (expects keys 'config', 'state_dict')")
+    return blob["config"], blob["state_dict"]

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from ..encoders.weights import load_config_checkpoint, save_config_checkpoint
+
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_classifier.pt")
 
 
@@ -84,19 +86,12 @@ def images_to_input(images: torch.Tensor) -> torch.Tensor:
 
 def save_digits_classifier(model: DigitsCNN, path: str) -> None:
     """Write {'config', 'state_dict'} atomically (loadable with weights_only=True)."""
-    tmp = path + ".tmp"
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    save_config_checkpoint(asdict(model.config), model.state_dict(), path)
 
 
 def load_digits_classifier(weights: str = DEFAULT_WEIGHTS) -> DigitsCNN:
     """The frozen classifier in eval mode. Raises FileNotFoundError / ValueError naming the file."""
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"digits classifier weights not found: {weights} "
-                                "(make them with `python scripts/train_digits_classifier.py`)")
-    blob = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{weights} is not a digits classifier checkpoint (expects keys 'config', 'state_dict')")
-    model = DigitsCNN(DigitsCNNConfig(**blob["config"]))
-    model.load_state_dict(blob["state_dict"], strict=True)
+    config, state = load_config_checkpoint(weights, "digits classifier", "scripts/train_digits_classifier.py")
+    model = DigitsCNN(DigitsCNNConfig(**config))
+    model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import cdiv, num_sms, row_tile_config
+from .._utils import cdiv, row_tile_config, rows_per_backward_program
 
 # Tile sizes (values per tile): the forward holds ~4 row-sized tensors live, the backward ~8 plus accumulators.
 FWD_TILE_ELEMENTS = 4096
@@ -286,14 +286,8 @@ def norm_modulate_fwd(
 
 
 def backward_rows_per_program(B: int, T: int, block_m: int, device: torch.device) -> int:
-    """Rows of one sample per backward program: enough programs to fill the GPU, each long enough that its
-    partial sums stay cheap. On the interpreter, as few programs as possible (its cost grows with them)."""
-    if device.type != "cuda":
-        rows = T
-    else:
-        chunks_wanted = cdiv(BWD_PROGRAMS_PER_SM * num_sms(device), B)
-        rows = max(MIN_BWD_ROWS_PER_PROGRAM, cdiv(T, chunks_wanted))
-    return cdiv(max(min(rows, T), 1), block_m) * block_m
+    """Rows of one sample per backward program (programs never span two samples: per-sample partial sums)."""
+    return rows_per_backward_program(T, block_m, device, MIN_BWD_ROWS_PER_PROGRAM, BWD_PROGRAMS_PER_SM, groups=B)
 
 
 def norm_modulate_bwd(

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._utils import MAX_TRITON_COLUMNS, TRITON_DTYPES, has_triton
-from ..backend import select_backend
+from .._utils import has_triton
+from ..backend import row_kernel_reasons, select_backend
 from . import reference
 from .reference import compute_dtype
 
@@ -86,22 +86,9 @@ def _check_inputs(
             raise ValueError(f"{op}: weight is on {weight.device} but x is on {x.device}")
 
 
-def _triton_reasons(x: Tensor, *params: Optional[Tensor]) -> list[str]:
-    """This op's objections to running these inputs on the Triton kernels (None parameters are absent)."""
-    reasons = []
-    if _kernels is None:
-        reasons.append("the Triton kernels could not be imported")
-    for t in (x, *params):
-        if t is not None and t.dtype not in TRITON_DTYPES:
-            reasons.append(f"dtype {t.dtype} is not one of the kernels' dtypes {TRITON_DTYPES}")
-            break
-    if x.shape[-1] > MAX_TRITON_COLUMNS:
-        reasons.append(f"D = {x.shape[-1]} > {MAX_TRITON_COLUMNS} columns does not fit a row in registers")
-    return reasons
-
-
 def _use_triton(op: str, x: Tensor, *params: Optional[Tensor]) -> bool:
-    return select_backend(op, x.device, _triton_reasons(x, *params)) == "triton"
+    reasons = row_kernel_reasons(_kernels is not None, (x, *params), x.shape[-1], "D")
+    return select_backend(op, x.device, reasons) == "triton"
 
 
 def _stats_like(x: Tensor) -> Tensor:

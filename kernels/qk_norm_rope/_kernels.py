@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._utils import cdiv, num_sms, row_tile_config
+from .._utils import cdiv, row_tile_config, rows_per_backward_program
 from .reference import empty_heads_first
 
 # Tile sizes (values per tile): the forward holds ~4 tile-sized tensors live, the backward ~8 plus two accumulators.
@@ -261,13 +261,8 @@ def qk_norm_rope_fwd(
 
 
 def backward_rows_per_program(n_rows: int, block_s: int, device: torch.device) -> int:
-    """Head rows per backward program: enough programs to fill the GPU, each long enough that its partial sums stay
-    cheap. On the interpreter, one program (its cost grows with the number of programs)."""
-    if device.type != "cuda":
-        rows = n_rows
-    else:
-        rows = max(MIN_BWD_ROWS_PER_PROGRAM, cdiv(n_rows, BWD_PROGRAMS_PER_SM * num_sms(device)))
-    return cdiv(max(min(rows, n_rows), 1), block_s) * block_s
+    """Head rows per backward program (all B·T·3·H rows form one group: the weight partials are per program)."""
+    return rows_per_backward_program(n_rows, block_s, device, MIN_BWD_ROWS_PER_PROGRAM, BWD_PROGRAMS_PER_SM)
 
 
 def qk_norm_rope_bwd(

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._utils import MAX_TRITON_COLUMNS, TRITON_DTYPES, has_triton
-from ..backend import select_backend
+from .._utils import has_triton
+from ..backend import row_kernel_reasons, select_backend
 from . import reference
 from .reference import compute_dtype, empty_heads_first
 
@@ -82,22 +82,9 @@ def _check_inputs(
         raise ValueError(f"{OP}: eps must be > 0, got {eps!r}")
 
 
-def _triton_reasons(qkv: Tensor, *others: Optional[Tensor]) -> list[str]:
-    """This op's objections to running these inputs on the Triton kernels (None arguments are absent)."""
-    reasons = []
-    if _kernels is None:
-        reasons.append("the Triton kernels could not be imported")
-    for t in (qkv, *others):
-        if t is not None and t.dtype not in TRITON_DTYPES:
-            reasons.append(f"dtype {t.dtype} is not one of the kernels' dtypes {TRITON_DTYPES}")
-            break
-    if qkv.shape[-1] > MAX_TRITON_COLUMNS:
-        reasons.append(f"Dh = {qkv.shape[-1]} > {MAX_TRITON_COLUMNS} columns does not fit a row in registers")
-    return reasons
-
-
 def _use_triton(op: str, qkv: Tensor, *others: Optional[Tensor]) -> bool:
-    return select_backend(op, qkv.device, _triton_reasons(qkv, *others)) == "triton"
+    reasons = row_kernel_reasons(_kernels is not None, (qkv, *others), qkv.shape[-1], "Dh")
+    return select_backend(op, qkv.device, reasons) == "triton"
 
 
 def _weight_grad(dweight: Optional[Tensor], qkv: Tensor) -> Tensor:
