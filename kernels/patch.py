@@ -33,7 +33,10 @@ detached copies and simply takes the unfused path. Under torch.compile the hook 
 that checkpoints inside its forward must set `grad_checkpointing = True` or be patched with fuse_residual=False.
 
 Wrapping: the patched model may be wrapped afterwards in DDP, `torch.compile(model)` or per-block
-`block.compile()` (the hand-over crosses the compiled regions). With fuse_residual a block reads the NEXT block's
+`block.compile()`. The hand-over crosses the compiled regions and is addressed by object identity, not by a block
+index, so the blocks share their compiled graphs: per grad mode and sequence length, one for the first block,
+one for the blocks in between and one for the last, whatever the depth (tests/test_compiled_blocks.py). With
+fuse_residual a block reads the NEXT block's
 adaLN weights, so sharding parameters per block (FSDP, ZeRO-3) needs fuse_residual=False; ZeRO-1/2 are fine.
 
 `unpatch_dit(model)` restores the original forwards. Patching twice with the same options does nothing.
@@ -66,37 +69,66 @@ def _saved_tensor_hooks_active() -> bool:
     return top is not None and top(False) is not None
 
 
-class _ResidualChain:
-    """Carries block i's fused (residual add + next norm) result to consumer i+1: one slot, so at most one
-    hand-over is alive at a time. `consumers` = blocks followed by the final layer."""
+class _Consumer:
+    """One consumer of the residual stream (a block, or the final layer) as the hand-over sees it.
 
-    def __init__(self, model: nn.Module, consumers: list, breaks: frozenset = frozenset()):
+    The block before it holds this object (as `successor`) and the consumer holds it too (as `me`): the hand-over
+    is addressed by object identity, never by a block index. Under per-block `torch.compile` an index would be a
+    Python int that differs per block, and dynamo would guard on it and recompile every block's forward until it
+    hits `recompile_limit`; an identity comparison between objects is guarded the same way for every block.
+    """
+
+    def __init__(self, module: nn.Module, is_final: bool):
+        self.module = module
+        self.is_final = is_final  # the final layer: 2 modulation chunks and `norm_final`, else 6 and `norm1`
+
+    @property
+    def chunks(self) -> int:
+        return 2 if self.is_final else 6
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.module.norm_final if self.is_final else self.module.norm1
+
+
+class _ResidualChain:
+    """Carries a block's fused (residual add + next norm) result to the consumer after it: one slot, so at most one
+    hand-over is alive at a time."""
+
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.consumers = consumers
-        self.breaks = breaks  # consumers that never get their predecessor's output as is (JiT's in-context insert)
-        self._slot: Optional[tuple] = None  # (consumer index, x, c, grad mode, modulation chunks, normed x)
+        self._slot: Optional[tuple] = None  # (consumer, x, c, grad mode, modulation chunks, normed x)
 
     def active(self) -> bool:
         if getattr(self.model, "grad_checkpointing", False) and torch.is_grad_enabled():
             return False
         return not _saved_tensor_hooks_active()
 
-    def put(self, index: int, x: Tensor, c: Tensor, mods: tuple, normed: Tensor) -> None:
-        self._slot = (index, x, c, torch.is_grad_enabled(), mods, normed)
+    def put(self, consumer: _Consumer, x: Tensor, c: Tensor, mods: tuple, normed: Tensor) -> None:
+        self._slot = (consumer, x, c, torch.is_grad_enabled(), mods, normed)
 
-    def take(self, index: int, x: Tensor, c: Tensor) -> Optional[tuple]:
-        """(modulation chunks, normed x) if consumer `index` is being called on the x and c handed over, in the same
+    def take(self, consumer: _Consumer, x: Tensor, c: Tensor) -> Optional[tuple]:
+        """(modulation chunks, normed x) if `consumer` is being called on the x and c handed over to it, in the same
         grad mode (a reentrant checkpoint runs blocks under no_grad: their hand-over has no graph), else None."""
         slot, self._slot = self._slot, None
         if slot is None or not self.active():
             return None
-        slot_index, slot_x, slot_c, grad_mode, mods, normed = slot
-        if slot_index == index and slot_x is x and slot_c is c and grad_mode == torch.is_grad_enabled():
+        target, slot_x, slot_c, grad_mode, mods, normed = slot
+        if target is consumer and slot_x is x and slot_c is c and grad_mode == torch.is_grad_enabled():
             return mods, normed
         return None
 
     def __getstate__(self):  # copies (deepcopy for EMA, pickling) never carry a pending hand-over
         return dict(self.__dict__, _slot=None)
+
+
+def _chain_consumers(blocks: list, final: nn.Module, breaks: frozenset = frozenset()) -> tuple[list, list]:
+    """(me, successor) per block and for the final layer: the _Consumer each one is, and the one its output is
+    handed to (None for the final layer and for a block whose successor is in `breaks`: consumer positions that do
+    not get their predecessor's output as is, e.g. JiT's in-context class tokens)."""
+    consumers = [_Consumer(block, False) for block in blocks] + [_Consumer(final, True)]
+    successors = [None if i + 1 in breaks else consumers[i + 1] for i in range(len(blocks))] + [None]
+    return consumers, successors
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,9 +157,11 @@ def fused_attention_forward(attn: nn.Module, x: Tensor) -> Tensor:
     return proj_drop(out) if proj_drop is not None else out
 
 
-def fused_block_forward(block: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor) -> Tensor:
-    """A DiT block with fused norms: x (B, T, D), c (B, D) -> (B, T, D). chain is None without fuse_residual."""
-    handed = chain.take(index, x, c) if chain is not None else None
+def fused_block_forward(block: nn.Module, chain: Optional[_ResidualChain], me: Optional[_Consumer],
+                        successor: Optional[_Consumer], x: Tensor, c: Tensor) -> Tensor:
+    """A DiT block with fused norms: x (B, T, D), c (B, D) -> (B, T, D). chain is None without fuse_residual;
+    `me` is this block in the chain, `successor` the consumer its output is handed to (None: no hand-over)."""
+    handed = chain.take(me, x, c) if chain is not None else None
     if handed is None:
         mods = block.adaLN_modulation(c).chunk(6, dim=-1)
         normed = layernorm_modulate(x, mods[0], mods[1], block.norm1.eps)
@@ -141,20 +175,19 @@ def fused_block_forward(block: nn.Module, chain: Optional[_ResidualChain], index
     else:
         x, normed = gated_residual_layernorm_modulate(x, branch, gate_msa, shift_mlp, scale_mlp, block.norm2.eps)
     branch = block.mlp(normed)                                                       # (B, T, D)
-    if chain is None or not chain.active():
+    if chain is None or successor is None or not chain.active():
         return x + gate_mlp.unsqueeze(1) * branch
-    consumer = chain.consumers[index + 1]
-    is_final = index + 1 == len(chain.consumers) - 1
-    next_mods = consumer.adaLN_modulation(c).chunk(2 if is_final else 6, dim=-1)
-    next_eps = (consumer.norm_final if is_final else consumer.norm1).eps
-    x, normed = gated_residual_layernorm_modulate(x, branch, gate_mlp, next_mods[0], next_mods[1], next_eps)
-    chain.put(index + 1, x, c, next_mods, normed)
+    next_mods = successor.module.adaLN_modulation(c).chunk(successor.chunks, dim=-1)
+    x, normed = gated_residual_layernorm_modulate(x, branch, gate_mlp, next_mods[0], next_mods[1],
+                                                  successor.norm.eps)
+    chain.put(successor, x, c, next_mods, normed)
     return x
 
 
-def fused_final_forward(final: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor) -> Tensor:
+def fused_final_forward(final: nn.Module, chain: Optional[_ResidualChain], me: Optional[_Consumer], x: Tensor,
+                        c: Tensor) -> Tensor:
     """DiT's final layer: linear(LN(x)·(1 + scale) + shift), x (B, T, D), c (B, D) -> (B, T, p·p·C)."""
-    handed = chain.take(index, x, c) if chain is not None else None
+    handed = chain.take(me, x, c) if chain is not None else None
     if handed is None:
         shift, scale = final.adaLN_modulation(c).chunk(2, dim=-1)
         normed = layernorm_modulate(x, shift, scale, final.norm_final.eps)
@@ -259,12 +292,14 @@ def patch_dit(
         for block in blocks:
             _set_forward(record, block.attn, functools.partial(fused_attention_forward, block.attn))
     if layernorm_modulate:
-        consumers = blocks + [model.final_layer]
-        chain = _ResidualChain(model, consumers) if fuse_residual else None
-        for i, block in enumerate(blocks):
-            _set_forward(record, block, functools.partial(fused_block_forward, block, chain, i))
         final = model.final_layer
-        _set_forward(record, final, functools.partial(fused_final_forward, final, chain, len(blocks)))
+        chain = _ResidualChain(model) if fuse_residual else None
+        consumers = successors = [None] * (len(blocks) + 1)  # without fuse_residual nothing is handed over
+        if fuse_residual:
+            consumers, successors = _chain_consumers(blocks, final)
+        for block, me, successor in zip(blocks, consumers, successors):
+            _set_forward(record, block, functools.partial(fused_block_forward, block, chain, me, successor))
+        _set_forward(record, final, functools.partial(fused_final_forward, final, chain, consumers[-1]))
     model.__dict__[_PATCH_ATTR] = record
     return model
 
@@ -316,10 +351,11 @@ def _rmsnorm_args(norm: nn.Module, x: Tensor) -> tuple[Optional[Tensor], float]:
     return norm.weight, float(eps)
 
 
-def fused_jit_block_forward(block: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor, c: Tensor,
-                            rope) -> Tensor:
-    """A JiT block with fused RMSNorm + modulate: x (B, T, D), c (B, D), rope (passed to attn) -> (B, T, D)."""
-    handed = chain.take(index, x, c) if chain is not None else None
+def fused_jit_block_forward(block: nn.Module, chain: Optional[_ResidualChain], me: Optional[_Consumer],
+                            successor: Optional[_Consumer], x: Tensor, c: Tensor, rope) -> Tensor:
+    """A JiT block with fused RMSNorm + modulate: x (B, T, D), c (B, D), rope (passed to attn) -> (B, T, D).
+    chain, me and successor as in `fused_block_forward`."""
+    handed = chain.take(me, x, c) if chain is not None else None
     if handed is None:
         mods = block.adaLN_modulation(c).chunk(6, dim=-1)
         normed = rmsnorm_modulate(x, mods[0], mods[1], *_rmsnorm_args(block.norm1, x))
@@ -334,22 +370,19 @@ def fused_jit_block_forward(block: nn.Module, chain: Optional[_ResidualChain], i
         x, normed = gated_residual_rmsnorm_modulate(x, branch, gate_msa, shift_mlp, scale_mlp,
                                                     *_rmsnorm_args(block.norm2, x))
     branch = block.mlp(normed)                                                       # (B, T, D)
-    if chain is None or not chain.active() or index + 1 in chain.breaks:
+    if chain is None or successor is None or not chain.active():
         return x + gate_mlp.unsqueeze(1) * branch
-    consumer = chain.consumers[index + 1]
-    is_final = index + 1 == len(chain.consumers) - 1
-    next_mods = consumer.adaLN_modulation(c).chunk(2 if is_final else 6, dim=-1)
-    next_norm = consumer.norm_final if is_final else consumer.norm1
+    next_mods = successor.module.adaLN_modulation(c).chunk(successor.chunks, dim=-1)
     x, normed = gated_residual_rmsnorm_modulate(x, branch, gate_mlp, next_mods[0], next_mods[1],
-                                                *_rmsnorm_args(next_norm, x))
-    chain.put(index + 1, x, c, next_mods, normed)
+                                                *_rmsnorm_args(successor.norm, x))
+    chain.put(successor, x, c, next_mods, normed)
     return x
 
 
-def fused_jit_final_forward(final: nn.Module, chain: Optional[_ResidualChain], index: int, x: Tensor,
+def fused_jit_final_forward(final: nn.Module, chain: Optional[_ResidualChain], me: Optional[_Consumer], x: Tensor,
                             c: Tensor) -> Tensor:
     """JiT's final layer: linear(RMSNorm(x)·w·(1 + scale) + shift), x (B, T, D), c (B, D) -> (B, T, out)."""
-    handed = chain.take(index, x, c) if chain is not None else None
+    handed = chain.take(me, x, c) if chain is not None else None
     if handed is None:
         shift, scale = final.adaLN_modulation(c).chunk(2, dim=-1)
         normed = rmsnorm_modulate(x, shift, scale, *_rmsnorm_args(final.norm_final, x))
@@ -460,16 +493,18 @@ def patch_jit(model: nn.Module, *, fuse_residual: bool = True, fuse_qk_rope: boo
 
     record = _PatchRecord(options)
     blocks = list(model.blocks)
-    consumers = blocks + [model.final_layer]
+    final = model.final_layer
     breaks = set()
     if getattr(model, "in_context_len", 0):
         breaks |= {int(getattr(model, "in_context_start", 0)), len(blocks)}
-    chain = _ResidualChain(model, consumers, frozenset(breaks)) if fuse_residual else None
-    for i, block in enumerate(blocks):
-        _set_forward(record, block, functools.partial(fused_jit_block_forward, block, chain, i))
+    chain = _ResidualChain(model) if fuse_residual else None
+    consumers = successors = [None] * (len(blocks) + 1)  # without fuse_residual nothing is handed over
+    if fuse_residual:
+        consumers, successors = _chain_consumers(blocks, final, frozenset(breaks))
+    for block, me, successor in zip(blocks, consumers, successors):
+        _set_forward(record, block, functools.partial(fused_jit_block_forward, block, chain, me, successor))
         if fuse_qk_rope and _qk_rope_fusable(block.attn):
             _set_forward(record, block.attn, functools.partial(fused_jit_attention_forward, block.attn))
-    final = model.final_layer
-    _set_forward(record, final, functools.partial(fused_jit_final_forward, final, chain, len(blocks)))
+    _set_forward(record, final, functools.partial(fused_jit_final_forward, final, chain, consumers[-1]))
     model.__dict__[_PATCH_ATTR] = record
     return model

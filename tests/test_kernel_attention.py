@@ -374,6 +374,26 @@ def test_torch_compile_fullgraph_bakes_the_choice_into_the_graph():
     assert "flash_attention" not in graphs[-1] and "aten.bmm" in graphs[-1]  # the math decomposition
 
 
+def test_torch_compile_with_dynamic_shapes_keeps_one_graph_for_every_length():
+    """Symbolic batch and sequence lengths (dynamic=True, or automatic dynamic after a second shape, as JiT's
+    in-context tokens cause) must neither break the graph (fullgraph) nor specialize the graph to one length."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm)
+
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v), fullgraph=True, dynamic=True,
+                             backend=aot_autograd(fw_compiler=keep))
+    for shape in ((2, 3, 9, 24), (3, 3, 17, 24), (4, 3, 40, 24)):  # (dynamo specializes lengths 0 and 1)
+        q, k, v = make_qkv(shape)
+        torch.testing.assert_close(compiled(q, k, v).double(), reference_attention(q, k, v), atol=5e-5, rtol=5e-5)
+    assert len(graphs) == 1  # one graph, symbolic in B and T
+    # A length the backends do care about (seq_k = 1) is a fact of the key, guarded, not lost to the stand-in.
+    q, k, v = make_qkv((2, 3, 9, 24), seq_k=1)
+    torch.testing.assert_close(compiled(q, k, v).double(), reference_attention(q, k, v), atol=5e-5, rtol=5e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch's own reasons, flash_attn and xformers through stand-in modules
 # ---------------------------------------------------------------------------------------------------------------

@@ -88,8 +88,10 @@ class Trainer:
         self.module = TrainModule(self.denoiser, self.objective).to(self.device)
         mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
         if cfg.model.compile == "blocks":
+            # Static graphs: each block sees one shape for the whole run (JiT's blocks after the in-context insert
+            # another one), so automatic dynamic shapes would only make Inductor's kernels symbolic in T.
             for block in self.denoiser.blocks:
-                block.compile(mode=mode)
+                block.compile(mode=mode, dynamic=False)
         elif cfg.model.compile == "model":
             self.denoiser.compile(mode=mode)
 

@@ -7,6 +7,7 @@ Backends see a signature, not the tensors, so a choice can be made once per kind
 trace time under torch.compile (where the tensors are fake).
 """
 import functools
+import operator
 import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -65,20 +66,47 @@ class AttentionSignature:
         return f"q {shape}, Tk={self.seq_k}, {str(self.dtype).removeprefix('torch.')} on {device}, {grad}"
 
 
+# Under torch.compile, the stand-in for a batch or sequence length that dynamo may have made symbolic (see call_key).
+COMPILED_STANDIN_LENGTH = 256
+
+
+def _compiled_length(n, limit: int) -> int:
+    """A batch or sequence length as the compiled key sees it: the facts the backends check about it (length 1,
+    above `limit`), else a stand-in. Only comparisons reach dynamo, so a symbolic length is guarded by a relation
+    that holds for every size (e.g. `s0 != 1`), never specialized to one value."""
+    if n == 1:
+        return 1
+    return limit + 1 if n > limit else COMPILED_STANDIN_LENGTH
+
+
 def call_key(q: Tensor, k: Tensor, v: Tensor) -> tuple:
     """A hashable summary of a call, built from tensor metadata only (it is traced by torch.compile as constants).
 
     Under torch.compile the storage offsets are not known at trace time (Inductor lays out the buffers and keeps
-    the attention inputs aligned), so they count as aligned there.
+    the attention inputs aligned), so they count as aligned there. Batch and sequence lengths may be symbolic there
+    (dynamic shapes, or automatic dynamic after a second shape), and a symbolic int cannot enter the constant key:
+    the key keeps what the backends check about them (a length of 1, a batch above the 65535 grid limit) and a
+    stand-in length otherwise (`COMPILED_STANDIN_LENGTH`; torch's own verdict is then asked on stand-in tensors of
+    that length: its checks concern head dims, dtypes, strides and the device). Heads and head dims come from the
+    model's configuration: they are specialized (a guard on their value), so the choice sees them exactly.
     """
     size = q.element_size()
     compiling = torch.compiler.is_compiling()
+    if compiling:
+        # operator.index specializes a symbolic head count or head dim (dynamo guards on its value; int() would not)
+        B, H, Tq, D = q.shape
+        batch, heads = _compiled_length(B, 65535), operator.index(H)
+        q_shape = (batch, heads, _compiled_length(Tq, 65535), operator.index(D))
+        k_shape = (batch, heads, _compiled_length(k.shape[2], 65535), operator.index(k.shape[3]))
+        v_shape = k_shape[:3] + (operator.index(v.shape[3]),)
+    else:
+        q_shape, k_shape, v_shape = tuple(q.shape), tuple(k.shape), tuple(v.shape)
     return (
         q.device,
         q.dtype,
-        tuple(q.shape),
-        tuple(k.shape),
-        tuple(v.shape),
+        q_shape,
+        k_shape,
+        v_shape,
         q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
         compiling or all((t.storage_offset() * size) % ALIGNMENT_BYTES == 0 for t in (q, k, v)),
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
