@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import results_rows
 import torch
 
 from coredi_fast.optim import AdamWEMA, ema_view, native
@@ -186,8 +187,10 @@ class TrainStep:
         self.step_count += 1
 
 
-def record(benchmark, step: TrainStep, calls: int, model_name: str, provider: str, engine: str):
-    """Adds img/s, MFU and peak memory to extra_info and to the end-of-module table."""
+def record(benchmark, step: TrainStep, calls: int, model_name: str, provider: str, engine: str, table: str,
+           estimated_gib=None):
+    """Adds img/s, MFU and peak memory (and the estimate made before, if any) to extra_info and to the
+    end-of-module table; emits the row to `table`."""
     if benchmark.disabled:
         return
     seconds = benchmark.stats.stats.median / calls
@@ -195,11 +198,14 @@ def record(benchmark, step: TrainStep, calls: int, model_name: str, provider: st
     tflops = step.flops_per_step / seconds / 1e12
     peak = peak_tflops(step.device)
     mem = torch.cuda.max_memory_allocated(step.device) / 2**30 if step.device.type == "cuda" else None
-    row = {"model": model_name, "engine": engine, "provider": provider, "optimizer": step.optimizer_name,
-           "ms": seconds * 1e3, "img/s": img_s, "TFLOP/s": tflops,
+    row = {"model": model_name, "batch": step.batch, "engine": engine, "provider": provider,
+           "optimizer": step.optimizer_name, "ms": seconds * 1e3, "img/s": img_s, "TFLOP/s": tflops,
            "MFU %": None if peak is None else 100 * tflops / peak, "peak GiB": mem}
+    if estimated_gib is not None:
+        row["est. GiB"] = estimated_gib
     benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("model", "provider")})
     _SUMMARY.append(row)
+    results_rows.emit(table, row)
 
 
 # ----------------------------------------------------------------------------------------------- benchmarks
@@ -213,16 +219,45 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("model_name", models_for(profile if profile in PROFILES else "tiny"))
 
 
+@pytest.fixture(scope="module")
+def memory_estimates(bench_profile, bench_device) -> dict:
+    """{(model, provider): MemoryEstimate} for every step this module times, estimated on the CPU and emitted as
+    the `memory estimate` table before the first step runs (coredi_fast.memory_estimate). On a GPU, a provider
+    whose estimate does not fit the card is skipped with the estimate's breakdown instead of dying of OOM."""
+    from coredi_fast.memory_estimate import DEFAULT_MARGIN, cuda_card, estimate_train_step_memory
+
+    p = PROFILES[bench_profile]
+    card = cuda_card(bench_device) if bench_device.type == "cuda" else None
+    estimates = {}
+    for model_name in models_for(bench_profile):
+        for provider in PROVIDERS:
+            est = estimate_train_step_memory(model_name, p["batch"], provider, image_size=p["image"],
+                                             precision=p["precision"])
+            estimates[model_name, provider] = est
+            row = {"model": model_name, "batch": p["batch"], "provider": provider,
+                   **{f"{part} GiB": getattr(est, part) for part in ("weights", "grads", "optimizer", "ema",
+                                                                    "encoder", "activations", "workspace")},
+                   "total GiB": est.total,
+                   "usable GiB": None if card is None else est.usable_gib(card[1], DEFAULT_MARGIN),
+                   "fits": None if card is None else ("yes" if est.fits(card[1]) else "NO")}
+            results_rows.emit("memory estimate", row)
+    return {"estimates": estimates, "card": card}
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_train_step(measure, benchmark, bench_profile, bench_device, model_name, provider):
+def test_train_step(measure, benchmark, bench_profile, bench_device, model_name, provider, memory_estimates):
     if bench_profile == "tiny" and provider.endswith("compile"):
         pytest.skip("torch.compile on CPU spends its time in Inductor's C++ build: the real profile measures it")
+    estimate, card = memory_estimates["estimates"][model_name, provider], memory_estimates["card"]
+    if card is not None and not estimate.fits(card[1]):
+        pytest.skip(f"{provider}: estimated {estimate.total:.1f} GiB > {estimate.usable_gib(card[1]):.1f} GiB "
+                    f"usable on {card[0]} ({estimate.breakdown()})")
     release_memory()
     p = PROFILES[bench_profile]
     step = TrainStep(bench_profile, model_name, provider, bench_device)
-    measure(step, flops=step.flops_per_step, calls_per_round=p["calls"], rounds=p["rounds"], op="train step",
-            model=model_name, batch=p["batch"], provider=provider)
-    record(benchmark, step, p["calls"], model_name, provider, "single")
+    measure(step, flops=step.flops_per_step, calls_per_round=p["calls"], rounds=p["rounds"], emit=False,
+            op="train step", model=model_name, batch=p["batch"], provider=provider)
+    record(benchmark, step, p["calls"], model_name, provider, "single", "train step", estimate.total)
     del step
     release_memory()
 
@@ -260,9 +295,9 @@ def test_engine_step(measure, benchmark, bench_profile, bench_device, process_gr
     p = PROFILES[bench_profile]
     model_name = models_for(bench_profile)[-1]
     step = TrainStep(bench_profile, model_name, "ours", bench_device, engine_kind=engine, ds_config=ds_config)
-    measure(step, flops=step.flops_per_step, calls_per_round=p["calls"], rounds=p["rounds"], op="engine",
+    measure(step, flops=step.flops_per_step, calls_per_round=p["calls"], rounds=p["rounds"], emit=False, op="engine",
             model=model_name, batch=p["batch"], provider=engine)
-    record(benchmark, step, p["calls"], model_name, "ours", engine)
+    record(benchmark, step, p["calls"], model_name, "ours", engine, "train step engines")
     if engine == "deepspeed":
         step.engine.engine.destroy()
     del step
@@ -278,7 +313,7 @@ def summary_table(request):
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     base = {r["model"]: r["ms"] for r in _SUMMARY if r["provider"] == "compile" and r["engine"] == "single"}
-    columns = ["model", "engine", "provider", "optimizer", "ms", "img/s", "TFLOP/s", "MFU %", "peak GiB",
+    columns = ["model", "engine", "provider", "optimizer", "ms", "img/s", "TFLOP/s", "MFU %", "peak GiB", "est. GiB",
                "x compile"]
 
     def fmt(v):

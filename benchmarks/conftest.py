@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+import results_rows  # noqa: E402  (benchmarks/ is on sys.path: pytest inserts the conftest's folder)
+
 PROFILES = ("tiny", "real")
 _ROWS: list[dict] = []  # one per timed benchmark, for the end-of-session table
 
@@ -115,10 +117,12 @@ def environment_info() -> dict:
 def measure(benchmark, bench_profile, bench_device):
     """measure(fn, bytes_moved=..., flops=..., **labels): time fn() (one call of the work) with synchronized rounds.
 
-    Labels (e.g. op, mode, provider, shape, dtype) go into extra_info and the end-of-session table.
+    Labels (e.g. op, mode, provider, shape, dtype) go into extra_info and the end-of-session table. The row (labels,
+    ms, GB/s, TFLOP/s) is returned, and emitted at once to table `labels["op"]` of the GPU check's rows file
+    (`results_rows.py`) unless emit=False (a caller that emits a richer row of its own); None when timing is off.
     """
 
-    def run(fn, *, bytes_moved=None, flops=None, calls_per_round=None, rounds=None, **labels):
+    def run(fn, *, bytes_moved=None, flops=None, calls_per_round=None, rounds=None, emit=True, **labels):
         real = bench_profile == "real"
         calls = calls_per_round or (20 if real else 1)
         rounds = rounds or (25 if real else 5)
@@ -131,7 +135,7 @@ def measure(benchmark, bench_profile, bench_device):
         benchmark.extra_info.update(environment_info(), profile=bench_profile, calls_per_round=calls, **labels)
         if benchmark.disabled:  # --benchmark-disable: pytest-benchmark runs the round once, untimed (smoke test)
             benchmark.pedantic(timed_round)
-            return
+            return None
         fn()  # warm-up outside the timed rounds: compilation, Triton JIT, caches
         sync(bench_device)
         benchmark.pedantic(timed_round, rounds=rounds, warmup_rounds=1, iterations=1)
@@ -144,6 +148,9 @@ def measure(benchmark, bench_profile, bench_device):
             row["TFLOP/s"] = flops / seconds / 1e12
         benchmark.extra_info.update({k: v for k, v in row.items() if k not in labels}, bytes_moved=bytes_moved)
         _ROWS.append(row)
+        if emit:
+            results_rows.emit(str(labels.get("op", "benchmark")), row)
+        return row
 
     return run
 

@@ -341,3 +341,10 @@ def test_without_a_usable_library_auto_falls_back_and_native_explains(tmp_path):
     assert "auto -> torch" in out.stdout
     assert "native -> AdamWEMA(backend='native'): no native kernel for cpu" in out.stdout
     assert f"{bogus} does not load" in out.stdout
+
+
+def test_build_from_an_installed_copy_says_where_the_sources_are(monkeypatch, tmp_path):
+    # `pip install --target` (the GPU check's install) copies the package without csrc/ and CMakeLists.txt.
+    monkeypatch.setattr(native, "REPO_ROOT", tmp_path)
+    with pytest.raises(RuntimeError, match=r"no CMakeLists.txt in .*build from a checkout"):
+        native.build(tmp_path / "build", cpu_only=True)

@@ -124,6 +124,10 @@ def build(build_dir: Optional[Path] = None, cpu_only: bool = False, cuda_arch: O
 
     cpu_only: -DCOREDI_WITH_CUDA=OFF (else AUTO: the CUDA kernels when nvcc works). cuda_arch: e.g. "90" or
     "80;90" (default: the visible GPU's, else 80;90). Ranks building at once wait for each other (file lock)."""
+    if not (REPO_ROOT / "CMakeLists.txt").is_file():  # an installed (non-editable) copy has no C++ sources
+        raise RuntimeError(f"no CMakeLists.txt in {REPO_ROOT}: this coredi_fast is an installed copy without the "
+                           f"native sources; build from a checkout (cd <checkout> && python -m "
+                           f"coredi_fast.optim.native build) and point ${ENV_LIBRARY} at the library")
     cmake = shutil.which("cmake")
     if cmake is None:
         raise RuntimeError("cmake is not installed (pip install cmake, or your system's package)")
