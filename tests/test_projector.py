@@ -286,6 +286,18 @@ def test_diagnostics_report_effective_rank_and_angles(statistics):
     assert report["ortho_error"] == pytest.approx(np.sum((w.T @ w - np.eye(d)) ** 2), rel=1e-6)
 
 
+def test_diagnostics_of_a_diverged_projection_are_nan_not_an_error(statistics):
+    # A run whose W went non-finite must reach its non-finite-loss handling, not die in an SVD at a log step.
+    projector = FeatureProjector(ProjectorConfig(feature_dim=D, dim=d, init="random"), statistics)
+    out = projector(torch.tensor(_raw_features(12), dtype=torch.float32))
+    with torch.no_grad():
+        projector.weight[0, 0] = float("nan")
+    report = projector.diagnostics(out.z)
+    assert set(report) == {"weight_sv_max", "weight_sv_min", "ortho_error", "pca_angle_max_deg",
+                           "pca_angle_mean_deg", "effective_rank", "z_std_min", "z_std_max"}
+    assert all(math.isnan(v) for v in report.values())
+
+
 # ---------------------------------------------------------------- token grid
 
 def _bilinear_reference(grid: np.ndarray, out: int) -> np.ndarray:

@@ -370,6 +370,11 @@ class FeatureProjector(nn.Module):
         if not self.enabled:
             return {}
         weight = self.weight.detach().to(torch.float64)
+        if not bool(torch.isfinite(weight).all()):  # a diverged W: report it as such, the SVD would raise
+            names = ["weight_sv_max", "weight_sv_min", "ortho_error"]
+            names += ["pca_angle_max_deg", "pca_angle_mean_deg"] if bool(self.has_statistics) else []
+            names += ["effective_rank", "z_std_min", "z_std_max"] if z is not None else []
+            return dict.fromkeys(names, float("nan"))
         singular_values = torch.linalg.svdvals(weight)
         result = {"weight_sv_max": float(singular_values.max()), "weight_sv_min": float(singular_values.min()),
                   "ortho_error": float(orthogonality_loss(weight))}
