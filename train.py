@@ -39,8 +39,17 @@ def main(argv=None):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
     from coredi_fast.training.loop import run
+    from coredi_fast.training.run_folder import RunSetupError
+    from coredi_fast.training.stop_signals import TrainingStopped
 
-    run(cfg, ds_config_path=args.ds_config, local_rank=args.local_rank)
+    try:
+        run(cfg, ds_config_path=args.ds_config, local_rank=args.local_rank)
+    except RunSetupError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

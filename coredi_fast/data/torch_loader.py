@@ -14,6 +14,7 @@ ended); `loader.state_dict()` is the position after the last batch *handed out*,
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Optional, Union
 
 import numpy as np
@@ -70,6 +71,13 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
+def _leave_stop_signals_to_trainer(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGINT: a launcher signals the whole process group, and the trainer finishes its step
+    and checkpoints on them (training/stop_signals.py); the loader ends its workers itself."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TorchLoader:
     """A `torch.utils.data.DataLoader` driven by a ShardedSampler, delivering the batch dict (module docstring).
 
@@ -103,7 +111,8 @@ class TorchLoader:
         self.moments_layout = dataset.moments_layout
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
         self._loader = DataLoader(_BatchReader(dataset), sampler=sampler, batch_size=None, num_workers=num_workers,
-                                  pin_memory=self.device.type == "cuda", **extra)
+                                  pin_memory=self.device.type == "cuda", worker_init_fn=_leave_stop_signals_to_trainer,
+                                  **extra)
 
     @property
     def steps_per_epoch(self) -> int:

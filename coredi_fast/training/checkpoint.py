@@ -49,6 +49,16 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:07d}.pt"
 
 
+def checkpoint_files(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """[(step, path)] of a run folder's checkpoints, oldest first (partitions and set-aside files excluded)."""
+    folder = Path(out_dir) / "checkpoints"
+    return sorted((int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _STEP_FILE.match(p.name)))
+
+
+def checkpoint_steps(out_dir: str | Path) -> list[int]:
+    return [step for step, _ in checkpoint_files(out_dir)]
+
+
 def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint of a run folder, or None."""
     folder = Path(out_dir) / "checkpoints"
@@ -57,8 +67,24 @@ def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
         candidate = folder / pointer.read_text().strip()
         if candidate.is_file():
             return candidate
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _STEP_FILE.match(p.name)))
+    steps = checkpoint_files(out_dir)
     return steps[-1][1] if steps else None
+
+
+def resume_candidates(out_dir: str | Path) -> list[Path]:
+    """Checkpoints to try on `run.resume=auto`, newest first: the one latest.txt names, then every other by step."""
+    newest = latest_checkpoint(out_dir)
+    rest = [p for _, p in reversed(checkpoint_files(out_dir)) if p != newest]
+    return ([newest] if newest is not None else []) + rest
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename a checkpoint that does not load to `<name>.damaged` (kept for inspection, out of resume's and pruning's
+    way) with a `.why` note beside it; returns the new path."""
+    target = path.with_name(path.name + ".damaged")
+    os.replace(path, target)
+    target.with_name(target.name + ".why").write_text(reason + "\n")
+    return target
 
 
 def rng_state() -> dict:
@@ -97,9 +123,9 @@ def save_checkpoint(out_dir: str | Path, step: int, payload: dict, keep_last: in
     tmp = pointer.with_name("latest.txt.tmp")
     tmp.write_text(path.name + "\n")
     os.replace(tmp, pointer)
-    if keep_last > 0:
-        steps = sorted((int(m.group(1)), p) for p in path.parent.glob("step-*.pt") if (m := _STEP_FILE.match(p.name)))
-        for _, old in steps[:-keep_last]:
+    if keep_last > 0:  # only ever older checkpoints: nothing at or after this step is deleted
+        older = [p for s, p in checkpoint_files(out_dir) if s < step]
+        for old in older[:max(len(older) - (keep_last - 1), 0)]:
             old.unlink(missing_ok=True)
     return path
 

@@ -120,6 +120,7 @@ class RunConfig:
     feature_vis_every: int = 200
     feature_vis_images: int = 8
     resume: str = "auto"              # auto (latest in out_dir) | none | a checkpoint path
+    overwrite: bool = False           # resume=none in a folder holding a run: move its files to replaced/<time>/
     max_skipped_steps: int = 20       # non-finite losses tolerated (skipped) before the run stops
     profile_steps: Optional[str] = None   # "A:B": cudaProfilerApi window for nsys --capture-range
     device: str = "auto"              # auto | cpu | cuda

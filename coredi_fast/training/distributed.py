@@ -94,6 +94,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (a copy; identity in one process): 'any rank' for 0/1 flags."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return obj

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,12 +27,17 @@ from ..optim import ema_view, resolve_fused_ema
 from ..profiling import ProfilerWindow, annotate_module, nvtx_range
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
                        image_stream_shape, merge_statistics, pixel_patch, use_fused_ops)
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (latest_checkpoint, load_checkpoint, resume_candidates, rng_state, save_checkpoint, set_aside,
+                         set_rng_state)
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, setup_distributed
+from .distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_object,
+                          cleanup_distributed, setup_distributed)
 from .ema import EMA
 from .engine import TrainModule, build_engine, build_optimizer
 from .metrics import MetricsLogger
+from .resume_changes import check_resume_changes, configured_hyperparameters, keep_configured_hyperparameters
+from .run_folder import RunFolder, RunSetupError
+from .stop_signals import StopRequest, TrainingStopped
 
 logger = logging.getLogger("coredi_fast.train")
 
@@ -81,6 +87,9 @@ class Trainer:
 
             self.encoder = GraphedEncoder(self.encoder)
         statistics = self._feature_statistics()
+        # Computing the statistics draws from the global RNG and reading their cache does not: reseed, so the
+        # model's initial weights are the same either way (a restart is the same run as a fresh start).
+        torch.manual_seed(cfg.run.seed + dist.rank)
         fused = use_fused_ops(cfg, self.device)
         self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics, fused)
         self.denoiser = build_denoiser(cfg, self.objective.model_channels, self.image_size,
@@ -123,6 +132,8 @@ class Trainer:
 
         self.step = 0
         self.skipped_steps = 0
+        self.stop = StopRequest()      # SIGTERM / SIGINT: finish the step, checkpoint, exit (installed by fit)
+        self.stop_agreed = False
         self.metrics = MetricsLogger(self.out, dist.is_main, cfg.run.tensorboard)
         self.feature_vis = None
         self._vae = None
@@ -190,24 +201,46 @@ class Trainer:
         return path
 
     def resume(self) -> None:
+        """Continue from a checkpoint as run.resume says. `auto` walks back from the newest checkpoint to the newest
+        one that loads (and, under DeepSpeed, has every rank's optimizer partition), setting aside the ones it skips
+        as `*.damaged` with the reason; a folder with no checkpoint starts at step 0 as a fresh run would (its
+        metrics from an earlier attempt are dropped). An explicit path must load."""
         r = self.cfg.run.resume
         if r == "none":
             return
-        path = latest_checkpoint(self.out) if r == "auto" else Path(r)
-        if path is None:
+        candidates = resume_candidates(self.out) if r == "auto" else [Path(r)]
+        skipped, blob, path = [], None, None
+        for path in candidates:
+            try:
+                blob = load_checkpoint(path, map_location="cpu")
+                self._check_partitions(path)
+                break
+            except (ValueError, FileNotFoundError) as error:
+                if r != "auto":
+                    raise RunSetupError(f"run.resume={r}: {error}") from None
+                skipped.append((path, str(error)))
+                blob = None
+        barrier()  # every rank has tried the same files before any is moved
+        for bad, why in skipped:
+            if self.dist.is_main:
+                moved = set_aside(bad, why)
+                print(f"resume: skipped {bad.name}: {why}; set aside as {moved.name}", flush=True)
+        if blob is None:
+            self.metrics.truncate_after(0)  # a restart before the first checkpoint is the fresh run again
+            if self.dist.is_main and candidates:
+                print("resume: no checkpoint loads; starting at step 0", flush=True)
             return
-        blob = load_checkpoint(path, map_location="cpu")
+        changes = check_resume_changes(blob.get("config"), self.cfg.to_dict(), path)
         self.denoiser.load_state_dict(blob["model"])
         self.ema.load_state_dict(blob["ema"])
         self.objective.projector.load_state_dict(blob["projector"])
+        configured = configured_hyperparameters(self.engine.optimizer)
         if self.engine.kind == "deepspeed":
-            part = path.with_name(f"{path.stem}.optim-rank{self.dist.rank}.pt")
-            if not part.is_file():
-                raise FileNotFoundError(f"DeepSpeed optimizer partition missing for rank {self.dist.rank}: {part} "
-                                        "(resume with the same number of processes)")
+            part = self._partition_path(path, self.dist.rank)
             self.engine.load_optimizer_state(torch.load(part, map_location="cpu", weights_only=True))
         else:
             self.engine.load_optimizer_state(blob["optimizer"])
+        keep_configured_hyperparameters(self.engine.optimizer, configured)  # optim.* given now take effect
         self.loader.load_state_dict(blob["data"])
         set_rng_state(blob["rng"])
         self.step = int(blob["step"])
@@ -216,6 +249,21 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+            for name, before, now in changes:
+                print(f"resume: {name} {before!r} -> {now!r}", flush=True)
+
+    @staticmethod
+    def _partition_path(path: Path, rank: int) -> Path:
+        return path.with_name(f"{path.stem}.optim-rank{rank}.pt")
+
+    def _check_partitions(self, path: Path) -> None:
+        """Under DeepSpeed a checkpoint is whole only with every rank's optimizer partition."""
+        if self.engine.kind != "deepspeed":
+            return
+        missing = [r for r in range(self.dist.world_size) if not self._partition_path(path, r).is_file()]
+        if missing:  # partitions are written before the checkpoint: a missing one means another world size
+            raise RunSetupError(f"{path}: no DeepSpeed optimizer partition for rank(s) {missing}; resume with the "
+                                f"number of processes that wrote it")
 
     # ------------------------------------------------------------------ one step
 
@@ -252,10 +300,13 @@ class Trainer:
             self.engine.set_lr_factor(min(1.0, (self.step + 1) / cfg.optim.warmup_steps))
         with nvtx_range("forward"):
             out = self.engine(x, features, y, noise)
-        finite = torch.isfinite(out.loss.detach()).float()
-        if self.dist.distributed:  # every rank must agree to skip
-            finite = all_reduce_mean(finite)
-        if finite.item() < 1.0:
+        # One host sync per step: whether any rank's loss is non-finite (all skip the step) and whether any rank was
+        # asked to stop (all stop after this step, see stop_signals.py).
+        flags = torch.stack([(~torch.isfinite(out.loss.detach())).float(),
+                             torch.tensor(float(self.stop.requested), device=out.loss.device)])
+        nonfinite, stop = all_reduce_max(flags).tolist()
+        self.stop_agreed = stop > 0
+        if nonfinite > 0:
             self.engine.skip_step()
             self.skipped_steps += 1
             if self.skipped_steps > cfg.run.max_skipped_steps:
@@ -360,16 +411,31 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        cfg, r = self.cfg, self.cfg.run
+        """Train to run.steps, then write the final checkpoint, samples and pictures; returns what was written.
+        Raises TrainingStopped after checkpointing when SIGTERM or SIGINT arrives (stop_signals.py)."""
+        r = self.cfg.run
         profile = ProfilerWindow.parse(r.profile_steps, self.device)  # nsys --capture-range=cudaProfilerApi
         progress = None
         if self.dist.is_main:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=r.steps, initial=self.step, desc="train", dynamic_ncols=True, smoothing=0.05)
+        data = iter(self.loader)
+        self.stop.install()
+        try:
+            self._loop(data, profile, progress)
+        finally:
+            self.stop.restore()
+        if profile:
+            profile.close()
+        if progress is not None:
+            progress.close()
+        return self.finish()
+
+    def _loop(self, data, profile, progress) -> None:
+        cfg, r = self.cfg, self.cfg.run
         window_logs: dict = {}
         window_start, window_images = time.perf_counter(), 0
-        data = iter(self.loader)
         while self.step < r.steps:
             if profile:
                 profile.before_step(self.step)
@@ -416,11 +482,17 @@ class Trainer:
                     self.save_samples(ema)
             if r.ckpt_every and self.step % r.ckpt_every == 0:
                 self.save()
-        if profile:
-            profile.close()
+            if self.stop_agreed:
+                self._stop(progress)
+
+    def _stop(self, progress) -> None:
+        """A stop signal reached some rank: checkpoint this step (unless just written) and end the run."""
         if progress is not None:
             progress.close()
-        return self.finish()
+        last = latest_checkpoint(self.out)
+        path = last if last is not None and last.name.endswith(f"{self.step:07d}.pt") else self.save()
+        self.metrics.close()
+        raise TrainingStopped(self.stop.signum or signal.SIGTERM, self.step, path)
 
     def finish(self) -> dict:
         """Final checkpoint, samples, feature picture and loss curves; returns (and prints) where they are."""
@@ -496,19 +568,20 @@ def run(cfg: TrainConfig, ds_config_path: Optional[str] = None, local_rank: Opti
     """Train as configured; returns {what: path} of everything written."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dist = setup_distributed(cfg.run.device, use_deepspeed=ds_config_path is not None, local_rank_arg=local_rank)
+    folder = RunFolder(cfg.run.out_dir)
     try:
         torch.manual_seed(cfg.run.seed + dist.rank)
         ds_config = load_ds_config(ds_config_path, cfg, dist.world_size) if ds_config_path else None
+        claim_run_folder(folder, cfg, dist)
         if dist.is_main:
-            Path(cfg.run.out_dir).mkdir(parents=True, exist_ok=True)
-            import yaml
-
-            (Path(cfg.run.out_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"coredi_fast: {dist.launcher} on {dist.world_size} process(es), device {dist.device}; "
                   f"writing to {cfg.run.out_dir}", flush=True)
         trainer = Trainer(cfg, dist, ds_config)
         trainer.resume()
-        if dist.is_main:
+        if dist.is_main:  # only now: a resume refused above leaves the run's config.yaml as it was
+            import yaml
+
+            (Path(cfg.run.out_dir) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             n = sum(p.numel() for p in trainer.denoiser.parameters())
             mode = cfg.method.projector.mode
             print(f"model {cfg.model.name}: {n / 1e6:.2f}M parameters, input {trainer.objective.model_channels}x"
@@ -516,4 +589,21 @@ def run(cfg: TrainConfig, ds_config_path: Optional[str] = None, local_rank: Opti
                   f"{trainer.objective.feature_channels} feature channels, projector mode {mode})", flush=True)
         return trainer.fit()
     finally:
+        folder.unlock()
         cleanup_distributed()
+
+
+def claim_run_folder(folder: RunFolder, cfg: TrainConfig, dist: DistInfo) -> None:
+    """Rank 0 takes the folder's lock and readies it (see run_folder.py); every rank raises RunSetupError if it
+    cannot, so no rank waits at a barrier for one that gave up."""
+    error = None
+    if dist.is_main:
+        try:
+            for message in (folder.lock(), folder.prepare(cfg.run.resume, cfg.run.overwrite)):
+                if message:
+                    print(f"coredi_fast: {message}", flush=True)
+        except RunSetupError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunSetupError(error)
