@@ -29,16 +29,20 @@ def main(argv=None):
     args = parse_args(argv)
     from coredi_fast.training.config import load_config
 
+    from coredi_fast.training.preflight import preflight
+
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"train.py: config error: {e}")
-    if args.print_config:
-        import yaml
+        if args.print_config:
+            import yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return
-    from coredi_fast.training.loop import run
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return
+        preflight(cfg, args.ds_config)  # files, packages and parts together: still before anything is written
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from coredi_fast.training.loop import NonFiniteLossError, run
     from coredi_fast.training.run_folder import RunSetupError
     from coredi_fast.training.stop_signals import TrainingStopped
 
@@ -50,6 +54,9 @@ def main(argv=None):
     except TrainingStopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(e.exit_status)
+    except NonFiniteLossError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

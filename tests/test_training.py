@@ -151,10 +151,19 @@ def test_demo_runs_end_to_end_and_writes_everything(tmp_path):
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     # An absurd learning rate makes the loss overflow; the run skips, counts, then stops with advice.
     proc = subprocess.run([sys.executable, "train.py", f"run.out_dir={tmp_path}", *TINY, "run.steps=200",
-                           "optim.lr=1e30", "run.max_skipped_steps=2"],
+                           "optim.lr=1e30", "run.max_skipped_steps=4", "run.ckpt_every=1", "run.keep_checkpoints=2"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "run.max_skipped_steps=2" in proc.stderr and "non-finite loss" in proc.stderr
+    assert proc.returncode == 1
+    assert "run.max_skipped_steps=4" in proc.stderr and "non-finite loss" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # No checkpoint during the streak: every one left is of a step whose loss was finite, and the newest is the
+    # last such step (pruning kept the good ones).
+    rows = map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    logged = {row["step"]: row["loss"] for row in rows}
+    good = [step for step, loss in logged.items() if isinstance(loss, float)]
+    saved = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert saved and saved[-1] == good[-1] and len(good) < len(logged)
+    assert "checkpoint put off, the loss has been non-finite" in proc.stdout
 
 
 @pytest.mark.parametrize("override, field", [
@@ -163,13 +172,46 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     ("method.projector.dim=100", "method.projector"),
     ("model.name=SiT-Huge/2", "SiT-Huge/2"),
     ("run.stepz=3", "run.stepz"),
+    # The file-dependent ones (preflight.py): they came as tracebacks after the run folder existed.
+    (("data.source=shards", "data.path=/no/such/folder"), "data.path does not exist: /no/such/folder"),
+    ("run.resume=/no/such.pt", "run.resume: checkpoint not found: /no/such.pt"),
+    ("model.overrides={depthh: 3}", "model.overrides: create_model() got unknown argument(s) ['depthh']"),
+    ("model.overrides={depth: -1}", "model.overrides: depth must be >= 1"),
+    ("data.image_size=15", "encoder grid vs image grid"),
+    ("method.projector.feature_dim=65", "method.projector.feature_dim=65 but encoder 'digits' gives 64-d tokens"),
+    ("sample.cfg_scale=-1", "sample.cfg_scale must be >= 0"),
 ])
 def test_bad_config_fails_at_start_up_naming_the_field(tmp_path, override, field):
-    proc = subprocess.run([sys.executable, "train.py", f"run.out_dir={tmp_path / 'out'}", override], cwd=ROOT,
+    overrides = override if isinstance(override, tuple) else (override,)
+    proc = subprocess.run([sys.executable, "train.py", f"run.out_dir={tmp_path / 'out'}", *overrides], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert field in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "out" / "checkpoints").exists()  # failed before training wrote anything
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr  # one line
+    assert not (tmp_path / "out").exists()  # failed before the run folder was written
+
+
+@pytest.mark.parametrize("suffix, text, message", [
+    (".yaml", "data:\n  image_size: [16\n", "invalid YAML at line 3, column 1"),
+    (".json", '{"data": {\n', "invalid JSON at line 2, column 1"),
+])
+def test_a_config_file_with_a_syntax_error_is_named_with_the_line(tmp_path, suffix, text, message):
+    config = tmp_path / f"bad{suffix}"
+    config.write_text(text)
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(config), f"run.out_dir={tmp_path / 'out'}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"{config}: {message}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dali_asked_for_without_dali_is_a_start_up_error(monkeypatch):
+    from coredi_fast.data import dali_loader
+    from coredi_fast.training.config import load_config
+    from coredi_fast.training.preflight import preflight
+
+    monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
+    with pytest.raises(ValueError, match="data.loader=dali but nvidia.dali is not installed"):
+        preflight(load_config(None, ["data.loader=dali"]))
 
 
 def test_fused_ops_train_the_same_as_plain_pytorch(single_run, tmp_path):

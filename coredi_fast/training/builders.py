@@ -71,18 +71,32 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Optional[nn.Module]
         from ..encoders.digits_vit import DEFAULT_WEIGHTS, DigitsEncoder
 
         encoder = DigitsEncoder(e.weights or DEFAULT_WEIGHTS)
-        if encoder.vit.config.in_channels != cfg.data.channels:
-            raise ValueError(f"data.channels={cfg.data.channels} but the digits encoder takes "
-                             f"{encoder.vit.config.in_channels}-channel images")
     else:
         from ..encoders import DINOv2Encoder
 
         dtype = torch.bfloat16 if e.dtype == "bf16" and device.type == "cuda" else None
         encoder = DINOv2Encoder(e.name, weights=e.weights or "hub", img_size=e.resolution, dtype=dtype)
-    if encoder.embed_dim != cfg.method.projector.feature_dim:
-        raise ValueError(f"method.projector.feature_dim={cfg.method.projector.feature_dim} but encoder {e.name!r} "
-                         f"gives {encoder.embed_dim}-d tokens")
+    check_encoder(cfg, encoder)
     return encoder.to(device)
+
+
+def check_encoder(cfg: TrainConfig, encoder: nn.Module) -> None:
+    """The encoder's input channels (digits) and token width against the config (ValueError naming the field)."""
+    vit_config = getattr(getattr(encoder, "vit", None), "config", None)
+    if vit_config is not None and vit_config.in_channels != cfg.data.channels:
+        raise ValueError(f"data.channels={cfg.data.channels} but the digits encoder takes "
+                         f"{vit_config.in_channels}-channel images")
+    if encoder.embed_dim != cfg.method.projector.feature_dim:
+        raise ValueError(f"method.projector.feature_dim={cfg.method.projector.feature_dim} but encoder "
+                         f"{cfg.encoder.name!r} gives {encoder.embed_dim}-d tokens")
+
+
+def check_feature_grid_fits(encoder_tokens: int, image_size: int) -> None:
+    """The encoder's token grid must resize onto the denoiser's input grid (ValueError naming what to change)."""
+    try:
+        check_feature_grid(encoder_tokens, image_size)
+    except ValueError as e:
+        raise ValueError(f"encoder grid vs image grid: {e} (change encoder.resolution or the data's image size)")
 
 
 def use_fused_ops(cfg: TrainConfig, device: torch.device) -> bool:
@@ -95,10 +109,7 @@ def build_objective(cfg: TrainConfig, image_channels: int, image_size: int, enco
     projector = FeatureProjector(cfg.method.projector, statistics)
     tokens = encoder.num_tokens if encoder is not None else None
     if tokens is not None:
-        try:
-            check_feature_grid(tokens, image_size)
-        except ValueError as e:
-            raise ValueError(f"encoder grid vs image grid: {e} (change encoder.resolution or the data's image size)")
+        check_feature_grid_fits(tokens, image_size)
     reason = cfg.fused_embedding_reason()
     if fused and reason is not None:
         if cfg.model.fused_ops == "on":

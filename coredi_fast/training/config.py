@@ -218,6 +218,7 @@ class TrainConfig:
         _choice("sample.method", s.method, ("euler", "heun"))
         _positive("sample.steps", s.steps)
         _choice("sample.guidance_on", s.guidance_on, ("image", "all"))
+        _nonnegative("sample.cfg_scale", s.cfg_scale)  # 1: no guidance, 0: unconditional, below 0: meaningless
         r = self.run
         _positive("run.steps", r.steps)
         _choice("run.precision", r.precision, ("bf16", "fp32"))
@@ -259,11 +260,20 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise FileNotFoundError(f"config file not found: {p}")
         text = p.read_text()
         if p.suffix == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ValueError(f"{p}: invalid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p}: the top level must be a mapping of sections (data, model, ...)")
     for item in overrides or []:

@@ -1,0 +1,89 @@
+"""Checks of a training config against the files and packages it names, before anything is written or computed.
+
+`TrainConfig.validate` checks each field alone; what depends on files (the data, the encoder's weights, a
+checkpoint to resume, the DeepSpeed json) or on several parts together (the model's overrides, the data's image
+size against the model's patches and the encoder's grid, the encoder's width against the projector) was found only
+inside the trainer: after the run folder existed and the feature statistics were computed, as a traceback. Here
+each becomes one ValueError naming the field or file, raised before the run folder is touched (train.py prints it
+as one line and exits with status 2). The parts are built cheaply: the data set reads its manifest, the encoder and
+the denoiser are built on the meta device (no weights are read or downloaded, no memory is allocated).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import TrainConfig
+
+
+def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
+    """Raise ValueError (naming the field or file) for the first problem found; return None when all is well."""
+    if ds_config_path is not None and not Path(ds_config_path).is_file():
+        raise ValueError(f"--ds_config: file not found: {ds_config_path}")
+    r = cfg.run.resume
+    if r not in ("auto", "none") and not Path(r).is_file():
+        raise ValueError(f"run.resume: checkpoint not found: {r} (use auto, none or a checkpoint file)")
+    if cfg.data.loader == "dali":
+        from ..data.dali_loader import dali_available
+
+        if not dali_available():
+            raise ValueError("data.loader=dali but nvidia.dali is not installed (pip install nvidia-dali-cuda130, "
+                             "or data.loader=auto)")
+    weights = cfg.encoder.weights
+    if weights not in (None, "hub") and cfg.method.projector.mode != "none" and not Path(weights).exists():
+        raise ValueError(f"encoder.weights: file not found: {weights}")
+
+    from .builders import build_dataset, check_feature_grid_fits, image_stream_shape
+
+    try:
+        dataset = build_dataset(cfg)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if cfg.data.source != "digits" and dataset.image_size != cfg.data.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but {cfg.data.path} holds "
+                         f"{dataset.image_size}-px images: set data.image_size={dataset.image_size}")
+    image_channels, image_size = image_stream_shape(dataset, cfg)
+    encoder = _encoder_on_meta(cfg)
+    if encoder is not None:
+        check_feature_grid_fits(encoder.num_tokens, image_size)
+    _denoiser_on_meta(cfg, image_channels, image_size, dataset.num_classes)
+
+
+def _encoder_on_meta(cfg: TrainConfig):
+    """The encoder's shape facts (embed_dim, num_tokens), checked against the config like `build_encoder` does."""
+    if cfg.method.projector.mode == "none":
+        return None
+    from .builders import check_encoder
+
+    e = cfg.encoder
+    if e.name == "digits":
+        from ..encoders.digits_vit import DEFAULT_WEIGHTS, DigitsEncoder
+
+        encoder = DigitsEncoder(e.weights or DEFAULT_WEIGHTS)  # a small file shipped in the package
+    else:
+        import warnings
+
+        from ..encoders import DINOv2Encoder
+
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "random init": the shape is all we need here
+            try:
+                encoder = DINOv2Encoder(e.name, weights=None, img_size=e.resolution)
+            except ValueError as error:
+                raise ValueError(f"encoder: {error}") from None
+    check_encoder(cfg, encoder)
+    return encoder
+
+
+def _denoiser_on_meta(cfg: TrainConfig, image_channels: int, image_size: int, num_classes: int) -> None:
+    from .builders import build_denoiser
+
+    channels = image_channels + cfg.method.projector.channels  # what the objective feeds the denoiser
+    try:
+        with torch.device("meta"):
+            build_denoiser(cfg, channels, image_size, num_classes)
+    except (TypeError, ValueError) as error:
+        where = "model.overrides" if cfg.model.overrides else "model.name / data.image_size"
+        raise ValueError(f"{where}: {error}") from None
