@@ -188,3 +188,25 @@ def test_pruning_never_deletes_the_checkpoint_just_written_or_newer_ones(tmp_pat
     save_checkpoint(tmp_path, 20, {"x": torch.zeros(1)}, keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")) == [
         "step-0000016.pt", "step-0000020.pt"]
+
+
+def test_feature_statistics_cache_is_recomputed_when_its_inputs_differ(tmp_path):
+    run_cli(tmp_path, "run.steps=2")
+    record = json.loads((tmp_path / "feature_stats.pt.source.json").read_text())
+    assert record["encoder.statistics_batches"] == 4 and record["data.source"] == "digits"
+    proc = run_cli(tmp_path, "run.steps=2", "run.resume=none", "run.overwrite=true")  # same inputs: reused
+    assert proc.returncode == 0 and "recomputing" not in proc.stdout
+    proc = run_cli(tmp_path, "run.steps=2", "run.resume=none", "run.overwrite=true", "encoder.statistics_batches=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recomputing" in proc.stdout and "encoder.statistics_batches 4 -> 3" in proc.stdout
+
+
+def test_a_cache_without_a_record_of_its_inputs_is_not_trusted(tmp_path):
+    from coredi_fast.training.cache_source import stale_cache_reason, write_cache_source
+
+    cached = tmp_path / "stats.pt"
+    cached.write_bytes(b"x")
+    assert "no readable record" in stale_cache_reason(cached, {"a": 1})
+    write_cache_source(cached, {"a": 1, "b": "x"})
+    assert stale_cache_reason(cached, {"a": 1, "b": "x"}) is None
+    assert stale_cache_reason(cached, {"a": 2, "b": "x"}) == "computed from other inputs: a 1 -> 2"

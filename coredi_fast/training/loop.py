@@ -25,6 +25,7 @@ import torch
 
 from ..optim import ema_view, resolve_fused_ema
 from ..profiling import ProfilerWindow, annotate_module, nvtx_range
+from .cache_source import stale_cache_reason, write_cache_source
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
                        image_stream_shape, merge_statistics, pixel_patch, use_fused_ops)
 from .checkpoint import (latest_checkpoint, load_checkpoint, resume_candidates, rng_state, save_checkpoint, set_aside,
@@ -134,6 +135,8 @@ class Trainer:
         self.skipped_steps = 0
         self.stop = StopRequest()      # SIGTERM / SIGINT: finish the step, checkpoint, exit (installed by fit)
         self.stop_agreed = False
+        self.nonfinite_streak = 0      # steps in a row skipped for a non-finite loss: no checkpoint during one
+        self._checkpoint_due = False   # a periodic checkpoint put off by such a streak
         self.metrics = MetricsLogger(self.out, dist.is_main, cfg.run.tensorboard)
         self.feature_vis = None
         self._vae = None
@@ -149,8 +152,13 @@ class Trainer:
         if cfg.encoder.statistics:
             return FeatureStatistics.load(cfg.encoder.statistics)
         cached = self.out / "feature_stats.pt"
+        made_from = self._statistics_source()
         if cached.is_file():
-            return FeatureStatistics.load(cached)
+            reason = stale_cache_reason(cached, made_from)
+            if reason is None:
+                return FeatureStatistics.load(cached)
+            if self.dist.is_main:
+                print(f"feature statistics: recomputing {cached}: {reason}", flush=True)
         # A pass over the first batches of a separate, seeded order (does not move the training data position).
         from ..data import build_loader
 
@@ -163,8 +171,19 @@ class Trainer:
         stats = merge_statistics(stats)
         if self.dist.is_main:
             stats.save(cached)
+            write_cache_source(cached, made_from)
             logger.info("feature statistics: %d tokens -> %s", int(stats.count), cached)
         return stats
+
+    def _statistics_source(self) -> dict:
+        """What the feature statistics depend on: the data, the encoder and how many batches were read."""
+        cfg = self.cfg
+        data_path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
+        return {"data.source": cfg.data.source, "data.path": data_path, "data.image_size": cfg.data.image_size,
+                "data.channels": cfg.data.channels, "samples": len(self.dataset), "encoder.name": cfg.encoder.name,
+                "encoder.weights": cfg.encoder.weights, "encoder.resolution": cfg.encoder.resolution,
+                "encoder.statistics_batches": cfg.encoder.statistics_batches,
+                "data.global_batch_size": cfg.data.global_batch_size}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -306,6 +325,7 @@ class Trainer:
                              torch.tensor(float(self.stop.requested), device=out.loss.device)])
         nonfinite, stop = all_reduce_max(flags).tolist()
         self.stop_agreed = stop > 0
+        self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite > 0 else 0
         if nonfinite > 0:
             self.engine.skip_step()
             self.skipped_steps += 1
@@ -480,17 +500,32 @@ class Trainer:
                 ema = self.ema.state_dict()  # every rank (collective under ZeRO with the fused EMA)
                 if self.dist.is_main:
                     self.save_samples(ema)
-            if r.ckpt_every and self.step % r.ckpt_every == 0:
-                self.save()
+            self._checkpoint_due |= bool(r.ckpt_every and self.step % r.ckpt_every == 0)
+            if self._checkpoint_due:
+                self._periodic_checkpoint()
             if self.stop_agreed:
                 self._stop(progress)
+
+    def _periodic_checkpoint(self) -> None:
+        """Save, unless the loss is non-finite right now: then put it off to the next good step, so the newest
+        checkpoint is always a good one and pruning never drops the good ones for copies of a diverging run."""
+        if self.nonfinite_streak:
+            if self.dist.is_main:
+                print(f"step {self.step}: checkpoint put off, the loss has been non-finite for {self.nonfinite_streak} "
+                      f"step(s); the newest checkpoint stays the last good one", flush=True)
+            return
+        self.save()
+        self._checkpoint_due = False
 
     def _stop(self, progress) -> None:
         """A stop signal reached some rank: checkpoint this step (unless just written) and end the run."""
         if progress is not None:
             progress.close()
         last = latest_checkpoint(self.out)
-        path = last if last is not None and last.name.endswith(f"{self.step:07d}.pt") else self.save()
+        if self.nonfinite_streak or (last is not None and last.name.endswith(f"{self.step:07d}.pt")):
+            path = last  # during a non-finite streak the last good checkpoint is the one to continue from
+        else:
+            path = self.save()
         self.metrics.close()
         raise TrainingStopped(self.stop.signum or signal.SIGTERM, self.step, path)
 
