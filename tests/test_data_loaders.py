@@ -399,3 +399,30 @@ def test_dali_gpu_decoding_matches_torch(sharded):
     for t, d in zip(torch_batches, dali_batches, strict=True):
         for key in t:
             assert d[key].is_cuda and torch.equal(t[key], d[key]), key
+
+
+def test_a_corrupt_sample_in_a_shard_is_skipped_named_and_counted(sharded, tmp_path, caplog):
+    import shutil
+
+    from coredi_fast.data import torch_loader
+    from coredi_fast.data.shards import shard_path
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sharded.root, copy)
+    data = ShardedImageDataset(copy)
+    index = np.load(shard_path(copy, 0, "index.npy"))
+    offset, length = index[5]
+    with open(shard_path(copy, 0, "images.bin"), "r+b") as f:  # sample 5's PNG bytes become garbage
+        f.seek(int(offset))
+        f.write(b"\0" * int(length))
+    batch_indices = np.arange(8)
+    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.torch_loader"):
+        batch = torch_loader._BatchReader(data)[batch_indices]
+    clean = torch_loader._BatchReader(sharded)[batch_indices]
+    assert int(batch["corrupt"]) == 1 and "corrupt" not in clean
+    # The next decodable sample of the batch (6) stands in for 5, image and label together; the rest is untouched.
+    assert torch.equal(batch["image"][5], clean["image"][6]) and batch["label"][5] == clean["label"][6]
+    keep = [k for k in range(8) if k != 5]
+    assert torch.equal(batch["image"][keep], clean["image"][keep])
+    (message,) = [r.message for r in caplog.records if "corrupt sample skipped" in r.message]
+    assert f"{shard_path(copy, 0, 'images.bin')} entry 5" in message

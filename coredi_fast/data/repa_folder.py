@@ -110,6 +110,10 @@ class RepaFolderDataset:
     def __len__(self) -> int:
         return len(self.image_fnames)
 
+    def describe(self, i: int) -> str:
+        """The image file of sample i, for messages."""
+        return str(self.images_dir / self.image_fnames[int(i)])
+
     def read(self, i: int) -> Sample:
         """Sample i: PNG bytes uint8 (L,), moments float32 (8, h, w) (mean ‖ std) or None, label."""
         i = int(i)

@@ -225,6 +225,15 @@ class ShardedImageDataset:
         return np.concatenate([self._shard_arrays(p)[2] for p in range(len(self._shard_ids))]) \
             if self._shard_ids else np.zeros(0, np.int64)
 
+    def describe(self, i: int) -> str:
+        """'shard-00003 entry 17 (images/cat.jpg)': where sample i is stored, for messages."""
+        position, j = self._locate(int(i))
+        try:
+            source = f" ({self.source_name(i)})"
+        except (OSError, IndexError):
+            source = ""
+        return f"{shard_path(self.root, self._shard_ids[position], 'images.bin')} entry {j}{source}"
+
     def source_name(self, i: int) -> str:
         """The source path (relative to the preprocessing input folder) of sample i."""
         position, j = self._locate(int(i))

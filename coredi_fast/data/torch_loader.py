@@ -7,6 +7,8 @@ Every loader of `coredi_fast.data` yields, per training step, this rank's batch 
     index          int64   (b,)           dataset indices (tests, feature-map pictures)
     moments        float32 (b, 2C', h, w) VAE posterior moments in `loader.moments_layout` (absent in pixel space)
     encoder_input  float32 (b, 3, R, R)   only with encoder_resolution=R: `encoder_input.encoder_input(image, R)`
+    corrupt        int64   ()             only in a batch where samples did not decode (torch loader): how many;
+                                          each was named in a warning and a decodable sample of the batch stood in
 
 on `loader.device`. Iterating a loader runs the rest of the current epoch (a fresh epoch after the previous one
 ended); `loader.state_dict()` is the position after the last batch *handed out*, for exact resume.
@@ -36,6 +38,37 @@ def decode_image_bytes(data: np.ndarray) -> torch.Tensor:
     return decode_image(torch.from_numpy(np.ascontiguousarray(data)), mode=ImageReadMode.RGB)
 
 
+def describe_sample(dataset, i: int) -> str:
+    """Where sample i lives, for messages: the data set's own description (shard file and entry, source file)."""
+    describe = getattr(dataset, "describe", None)
+    return describe(int(i)) if describe is not None else f"sample {int(i)}"
+
+
+def decode_or_stand_in(dataset, indices, samples: list) -> tuple[list, int]:
+    """Decode every sample's image; a sample that does not decode is skipped: the next decodable sample of the batch
+    stands in for it (image, label and moments, in place in `samples`, so the batch keeps its static size and its
+    pairs), it is named in a warning and counted. Returns (images uint8 (3, H, W) each, how many were corrupt)."""
+    images, bad = [], []
+    for k, sample in enumerate(samples):
+        try:
+            images.append(decode_image_bytes(sample.image))
+        except RuntimeError as error:
+            images.append(None)
+            bad.append((k, str(error).splitlines()[0] if str(error) else type(error).__name__))
+    if not bad:
+        return images, 0
+    good = [k for k, image in enumerate(images) if image is not None]
+    if not good:
+        k, why = bad[0]
+        raise RuntimeError(f"no sample of a batch decodes, e.g. {describe_sample(dataset, indices[k])}: {why}")
+    for k, why in bad:
+        stand_in = next((g for g in good if g > k), good[0])  # the next decodable one, wrapping around
+        images[k], samples[k] = images[stand_in], samples[stand_in]
+        logger.warning("corrupt sample skipped: %s does not decode (%s); %s stands in for it this step",
+                       describe_sample(dataset, indices[k]), why, describe_sample(dataset, indices[stand_in]))
+    return images, len(bad)
+
+
 class _BatchReader(torch.utils.data.Dataset):
     """Map-style view of a data set whose items are whole batches: `reader[indices]` → the batch dict on the CPU.
 
@@ -50,13 +83,17 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def __getitem__(self, indices: np.ndarray) -> dict:
         samples = [self.dataset.read(int(i)) for i in indices]
+        corrupt = 0
         if self.dataset.encoded:
-            images = torch.stack([decode_image_bytes(s.image) for s in samples])
+            decoded, corrupt = decode_or_stand_in(self.dataset, indices, samples)
+            images = torch.stack(decoded)
         else:
             images = torch.from_numpy(np.stack([s.image for s in samples]))
         batch = {"image": images,
                  "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
                  "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+        if corrupt:  # only then: a clean batch is the same dict as DALI's
+            batch["corrupt"] = torch.tensor(corrupt, dtype=torch.int64)
         if self.dataset.has_moments:
             batch["moments"] = torch.from_numpy(np.stack([s.moments for s in samples]).astype(np.float32, copy=False))
         return batch

@@ -136,6 +136,7 @@ class Trainer:
         self.stop = StopRequest()      # SIGTERM / SIGINT: finish the step, checkpoint, exit (installed by fit)
         self.stop_agreed = False
         self.nonfinite_streak = 0      # steps in a row skipped for a non-finite loss: no checkpoint during one
+        self.corrupt_samples = 0       # samples that did not decode (this process; a device tensor once counted)
         self._checkpoint_due = False   # a periodic checkpoint put off by such a streak
         self.metrics = MetricsLogger(self.out, dist.is_main, cfg.run.tensorboard)
         self.feature_vis = None
@@ -467,6 +468,8 @@ class Trainer:
                         data = iter(self.loader)
                         batch = next(data)
                 logs = self.train_step(batch)
+            if "corrupt" in batch:  # samples the loader skipped (named in its warnings): counted, no host sync
+                self.corrupt_samples = self.corrupt_samples + batch["corrupt"]
             self.step += 1
             window_images += cfg.data.global_batch_size
             for k, v in logs.items():
@@ -481,6 +484,7 @@ class Trainer:
                 values["img_per_s"] = window_images / max(elapsed, 1e-9)
                 values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
                 values["skipped_steps"] = self.skipped_steps
+                values["corrupt_samples"] = int(self.corrupt_samples)
                 if self.objective.projector.config.mode == "learned" and getattr(self, "_last_z", None) is not None:
                     values.update({f"proj/{k}": v for k, v in self.objective.projector.diagnostics(
                         self._last_z).items()})
@@ -552,7 +556,9 @@ class Trainer:
             if self.metrics.tensorboard_dir is not None:
                 written["tensorboard"] = str(self.metrics.tensorboard_dir)
             (self.out / "outputs.json").write_text(json.dumps(written, indent=2) + "\n")
-            print(f"\nDone: {self.step} steps ({self.skipped_steps} skipped). Everything is in {self.out}/:")
+            corrupt = int(self.corrupt_samples)
+            stood_in = f", {corrupt} corrupt samples stood in for (see the warnings)" if corrupt else ""
+            print(f"\nDone: {self.step} steps ({self.skipped_steps} skipped{stood_in}). Everything is in {self.out}/:")
             for key, path in written.items():
                 print(f"  {key:18s} {path}")
         else:
