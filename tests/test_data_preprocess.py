@@ -336,3 +336,19 @@ def test_cli_no_vae_and_top_level_script(image_folder, tmp_path, monkeypatch, ca
                                       "--limit", "20", "--no-progress"])
     runpy.run_path(str(script), run_name="__main__")
     assert "0 shards written, 3 already done" in capsys.readouterr().out
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bit_not_clipped_white():
+    from coredi_fast.data.center_crop import center_crop_arr
+
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472, a 16-bit gradient
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.load()
+        assert image.mode.startswith("I")  # how PIL opens a 16-bit PNG
+        stored = center_crop_arr(image, 32)
+    expected = np.round(values / 65535.0 * 255.0).astype(np.uint8)  # the bit depth scaled, written out
+    for channel in range(3):
+        np.testing.assert_array_equal(stored[..., channel], expected)

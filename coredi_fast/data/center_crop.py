@@ -14,6 +14,19 @@ import numpy as np
 from PIL import Image
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. 16-bit greyscale ("I;16*", and "I", which PIL opens 16-bit PNGs as) is scaled from
+    0..65535 to 0..255 first: PIL's convert("RGB") clips such values at 255, storing a 16-bit PNG almost white."""
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        eight_bit = np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(eight_bit, mode="L")
+    return image.convert("RGB")
+
+
 def center_crop_arr(image: Union[Image.Image, np.ndarray], image_size: int) -> np.ndarray:
     """ADM center crop.
 
@@ -30,7 +43,7 @@ def center_crop_arr(image: Union[Image.Image, np.ndarray], image_size: int) -> n
     elif not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = to_rgb8(image)
 
     while min(image.size) >= 2 * image_size:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.Resampling.BOX)
