@@ -426,3 +426,14 @@ def test_a_corrupt_sample_in_a_shard_is_skipped_named_and_counted(sharded, tmp_p
     assert torch.equal(batch["image"][keep], clean["image"][keep])
     (message,) = [r.message for r in caplog.records if "corrupt sample skipped" in r.message]
     assert f"{shard_path(copy, 0, 'images.bin')} entry 5" in message
+
+
+def test_training_on_shards_that_do_not_fit_the_config_is_refused_at_start_up(sharded):
+    from coredi_fast.training.config import load_config
+    from coredi_fast.training.preflight import preflight
+
+    base = ["data.source=shards", f"data.path={sharded.root}"]
+    with pytest.raises(ValueError, match=rf"data.image_size=32 but {sharded.root} holds {IMAGE_SIZE}-px images"):
+        preflight(load_config(None, base + ["data.image_size=32"]))
+    with pytest.raises(ValueError, match=r"have 3 channels but the digits encoder takes 1-channel images"):
+        preflight(load_config(None, base + [f"data.image_size={IMAGE_SIZE}"]))

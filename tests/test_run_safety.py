@@ -17,7 +17,7 @@ import torch
 
 from coredi_fast.training.checkpoint import save_checkpoint
 from coredi_fast.training.stop_signals import StopRequest
-from test_training import ROOT, TINY, _env, final_checkpoint, losses, train
+from test_training import ROOT, TINY, _env, _free_port, final_checkpoint, losses, train
 
 STEPS = 12
 
@@ -86,15 +86,28 @@ def test_a_stop_signal_checkpoints_the_step_and_the_run_continues_bit_for_bit(re
     assert_same_run(tmp_path, reference)
 
 
-def test_a_second_signal_exits_at_once():
+def test_a_second_signal_exits_at_once_but_a_sigterm_delivered_twice_is_one_request(monkeypatch):
+    from coredi_fast.training import stop_signals
+
     request = StopRequest().install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         assert request.requested and request.signum == signal.SIGTERM  # the first: a flag only
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher forwarding the scheduler's: still the same request
+        assert request.requested
+        monkeypatch.setattr(stop_signals, "REPEAT_WINDOW_S", 0.0)  # later on, a second SIGTERM is a second request
         with pytest.raises(SystemExit) as exit_info:
             os.kill(os.getpid(), signal.SIGTERM)
         assert exit_info.value.code == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    finally:
+        request.restore()
+    request = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(SystemExit) as exit_info:  # Ctrl-C twice: at once, however soon
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exit_info.value.code == 128 + signal.SIGINT
     finally:
         request.restore()
 
@@ -210,3 +223,54 @@ def test_a_cache_without_a_record_of_its_inputs_is_not_trusted(tmp_path):
     write_cache_source(cached, {"a": 1, "b": "x"})
     assert stale_cache_reason(cached, {"a": 1, "b": "x"}) is None
     assert stale_cache_reason(cached, {"a": 2, "b": "x"}) == "computed from other inputs: a 1 -> 2"
+
+
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_one_step_and_the_run_continues(reference, tmp_path):
+    # torchrun forwards SIGTERM to its workers; the ranks agree on the step in the step's all-reduce, save together
+    # and exit; the same command continues the run (2 processes reproduce 1 to float tolerance, test_training.py).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"run.out_dir={tmp_path}", *TINY, f"run.steps={STEPS}", "run.ckpt_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_steps(tmp_path, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert stderr.count("stopped by SIGTERM after step") == 2, stderr[-3000:]  # both ranks, one step
+    steps = {int(part.split(";")[0]) for part in stderr.split("stopped by SIGTERM after step ")[1:]}
+    (stopped_at,) = steps
+    assert (tmp_path / "checkpoints" / f"step-{stopped_at:07d}.pt").is_file()
+    train(tmp_path, f"run.steps={STEPS}", launcher="torchrun", nproc=2)
+    got, logged = losses(tmp_path)
+    want, _ = losses(reference)
+    assert logged == list(range(1, STEPS + 1))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_a_deepspeed_job_saves_every_ranks_partition(tmp_path):
+    pytest.importorskip("deepspeed")
+    ds = json.loads((ROOT / "ds_zero2.json").read_text())
+    ds["gradient_clipping"] = 0.0
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps(ds))
+    launcher = Path(sys.executable).with_name("deepspeed")
+    out = tmp_path / "run"
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "train.py", "--ds_config",
+           str(config), f"run.out_dir={out}", *TINY, f"run.steps={STEPS}", "run.ckpt_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_steps(out, proc, 3)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every process of the job (the launchers forward too)
+    _, stderr = proc.communicate(timeout=300)
+    stopped = {int(part.split(";")[0]) for part in stderr.split("stopped by SIGTERM after step ")[1:]}
+    assert len(stopped) == 1, stderr[-3000:]
+    (step,) = stopped
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.glob(f"step-{step:07d}*")) == [
+        f"step-{step:07d}.optim-rank0.pt", f"step-{step:07d}.optim-rank1.pt", f"step-{step:07d}.pt"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {step}" in proc.stdout

@@ -80,12 +80,15 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Optional[nn.Module]
     return encoder.to(device)
 
 
-def check_encoder(cfg: TrainConfig, encoder: nn.Module) -> None:
-    """The encoder's input channels (digits) and token width against the config (ValueError naming the field)."""
+def check_encoder(cfg: TrainConfig, encoder: nn.Module, image_channels: Optional[int] = None) -> None:
+    """The encoder's input channels (digits) and token width against the config (ValueError naming the field).
+    image_channels: the data set's (shards and REPA folders hold RGB); default data.channels (the digits)."""
     vit_config = getattr(getattr(encoder, "vit", None), "config", None)
-    if vit_config is not None and vit_config.in_channels != cfg.data.channels:
-        raise ValueError(f"data.channels={cfg.data.channels} but the digits encoder takes "
-                         f"{vit_config.in_channels}-channel images")
+    channels = cfg.data.channels if image_channels is None else image_channels
+    if vit_config is not None and vit_config.in_channels != channels:
+        where = "data.channels" if cfg.data.source == "digits" else f"the images in data.path ({cfg.data.path})"
+        raise ValueError(f"{where} have {channels} channels but the digits encoder takes "
+                         f"{vit_config.in_channels}-channel images (encoder.name)")
     if encoder.embed_dim != cfg.method.projector.feature_dim:
         raise ValueError(f"method.projector.feature_dim={cfg.method.projector.feature_dim} but encoder "
                          f"{cfg.encoder.name!r} gives {encoder.embed_dim}-d tokens")

@@ -45,13 +45,13 @@ def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
         raise ValueError(f"data.image_size={cfg.data.image_size} but {cfg.data.path} holds "
                          f"{dataset.image_size}-px images: set data.image_size={dataset.image_size}")
     image_channels, image_size = image_stream_shape(dataset, cfg)
-    encoder = _encoder_on_meta(cfg)
+    encoder = _encoder_on_meta(cfg, dataset.channels)
     if encoder is not None:
         check_feature_grid_fits(encoder.num_tokens, image_size)
     _denoiser_on_meta(cfg, image_channels, image_size, dataset.num_classes)
 
 
-def _encoder_on_meta(cfg: TrainConfig):
+def _encoder_on_meta(cfg: TrainConfig, data_channels: int):
     """The encoder's shape facts (embed_dim, num_tokens), checked against the config like `build_encoder` does."""
     if cfg.method.projector.mode == "none":
         return None
@@ -73,7 +73,7 @@ def _encoder_on_meta(cfg: TrainConfig):
                 encoder = DINOv2Encoder(e.name, weights=None, img_size=e.resolution)
             except ValueError as error:
                 raise ValueError(f"encoder: {error}") from None
-    check_encoder(cfg, encoder)
+    check_encoder(cfg, encoder, data_channels)
     return encoder
 
 

@@ -1,6 +1,6 @@
 """SIGTERM and SIGINT end a run with a checkpoint: the step under way finishes, every rank saves its part, and the
 process exits with a message and status 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C). A second signal
-exits at once.
+exits at once (a SIGTERM repeated within REPEAT_WINDOW_S counts as the first: see there).
 
 Schedulers (SLURM, Kubernetes) send SIGTERM some seconds before they kill; without this, up to `run.ckpt_every`
 steps were lost. The handler only sets a flag (a signal can arrive in the middle of a collective or a CUDA call);
@@ -14,9 +14,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A SIGTERM this soon after the first is the same request arriving twice: schedulers signal every process of the
+# job and launchers (torchrun, deepspeed) forward what they get to their workers. A later one, or Ctrl-C again,
+# is a second request: exit at once.
+REPEAT_WINDOW_S = 5.0
 
 
 class TrainingStopped(Exception):
@@ -38,6 +43,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self._first_at = 0.0
         self._previous: dict = {}
 
     @property
@@ -57,10 +63,13 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signum is not None and signum == signal.SIGTERM and now - self._first_at < REPEAT_WINDOW_S:
+            return  # the same request delivered twice: by the scheduler to every process and by the launcher
         if self.signum is not None:  # the second one: now
             self.restore()
             print(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, now
         print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint (send it again to exit "
               f"at once)", file=sys.stderr, flush=True)
