@@ -437,3 +437,35 @@ def test_training_on_shards_that_do_not_fit_the_config_is_refused_at_start_up(sh
         preflight(load_config(None, base + ["data.image_size=32"]))
     with pytest.raises(ValueError, match=r"have 3 channels but the digits encoder takes 1-channel images"):
         preflight(load_config(None, base + [f"data.image_size={IMAGE_SIZE}"]))
+
+
+def test_dali_serves_the_step_with_a_corrupt_sample_from_the_torch_path_and_goes_on(sharded, tmp_path, caplog):
+    pytest.importorskip("nvidia.dali")
+    import shutil
+
+    from coredi_fast.data.dali_loader import DaliLoader
+    from coredi_fast.data.shards import shard_path
+
+    copy = tmp_path / "shards"
+    shutil.copytree(sharded.root, copy)
+    make = functools.partial(ShardedSampler, len(sharded), 16, seed=3)
+    victim = int(make().local_batch_at(2)[4])  # a sample of the third step
+    shard = int(np.searchsorted(np.cumsum([64, 64, 64]), victim, side="right"))  # shards of 64 (the fixture)
+    index = np.load(shard_path(copy, shard, "index.npy"))
+    offset, length = index[victim - 64 * shard]
+    with open(shard_path(copy, shard, "images.bin"), "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\0" * int(length))
+    data = ShardedImageDataset(copy)
+    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.torch_loader"):
+        dali = DaliLoader(data, make(), device="cpu", num_threads=2, encoder_resolution=ENCODER_RES)
+        dali_batches = _take(dali, 5)
+        dali.close()
+    torch_batches = _take(TorchLoader(data, make(), num_workers=0, device="cpu", encoder_resolution=ENCODER_RES), 5)
+    for step, (t, d) in enumerate(zip(torch_batches, dali_batches, strict=True)):
+        assert set(t) == set(d), step
+        for key in t:  # the corrupt step too: both stood the same sample in
+            assert torch.equal(t[key], d[key]), (step, key)
+    assert "corrupt" in dali_batches[2] and int(dali_batches[2]["corrupt"]) == 1
+    assert all("corrupt" not in b for k, b in enumerate(dali_batches) if k != 2)
+    assert any(f"entry {victim - 64 * shard}" in r.message for r in caplog.records)

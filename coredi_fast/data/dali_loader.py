@@ -195,14 +195,30 @@ class DaliLoader:
         logger.info("DALI pipeline started at global step %d on %s", start, self.device)
 
     def __iter__(self):
-        self._ensure_stream()
         for _ in range(len(self.sampler)):
-            batch = dict(next(self._iterator)[0])
-            if self.encoder_resolution is not None and self.encoder_resize == "torch":
+            self._ensure_stream()
+            try:
+                batch = dict(next(self._iterator)[0])
+                self._stream_step += 1
+            except RuntimeError as error:
+                if "decoders.image" not in str(error):
+                    raise
+                # A sample DALI cannot decode. Its pipeline stops at the first error (they arrive in step order):
+                # this step's batch comes from the torch path, which skips, names and counts the sample, and the
+                # next step starts a new pipeline.
+                self.close()
+                batch = self._batch_on_cpu(self.sampler.global_step)
+            if self.encoder_resolution is not None and "encoder_input" not in batch:
                 batch["encoder_input"] = encoder_input(batch["image"], self.encoder_resolution)
-            self._stream_step += 1
             self.sampler.advance()
             yield batch
+
+    def _batch_on_cpu(self, step: int) -> dict:
+        """The batch of global `step` decoded by the torch loader's reader (corrupt samples stood in for)."""
+        from .torch_loader import _BatchReader
+
+        batch = _BatchReader(self.dataset)[self.sampler.local_batch_at(step)]
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
