@@ -454,6 +454,7 @@ class Trainer:
         return self.finish()
 
     def _loop(self, data, profile, progress) -> None:
+        """Steps until run.steps: train, log at intervals, pictures, samples, checkpoints, and a stop if signalled."""
         cfg, r = self.cfg, self.cfg.run
         window_logs: dict = {}
         window_start, window_images = time.perf_counter(), 0
