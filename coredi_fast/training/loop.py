@@ -28,8 +28,8 @@ from ..profiling import ProfilerWindow, annotate_module, nvtx_range
 from .cache_source import stale_cache_reason, write_cache_source
 from .builders import (build_dataset, build_denoiser, build_encoder, build_objective, compute_feature_statistics,
                        image_stream_shape, merge_statistics, pixel_patch, use_fused_ops)
-from .checkpoint import (latest_checkpoint, load_checkpoint, resume_candidates, rng_state, save_checkpoint, set_aside,
-                         set_rng_state)
+from .checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, resume_candidates, rng_state,
+                         save_checkpoint, set_aside, set_rng_state)
 from .config import TrainConfig
 from .distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_object,
                           cleanup_distributed, setup_distributed)
@@ -205,7 +205,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         path = None
         if self.engine.kind == "deepspeed":  # ZeRO: each rank saves its optimizer partition
-            part = self.out / "checkpoints" / f"step-{self.step:07d}.optim-rank{self.dist.rank}.pt"
+            part = self._partition_path(checkpoint_path(self.out, self.step), self.dist.rank)
             from .checkpoint import atomic_torch_save
 
             atomic_torch_save(self.engine.optimizer_state(), part)
@@ -272,6 +272,10 @@ class Trainer:
             for name, before, now in changes:
                 print(f"resume: {name} {before!r} -> {now!r}", flush=True)
 
+    def _checkpointed_now(self) -> bool:
+        """True when the newest checkpoint is of the current step (nothing to save again)."""
+        return latest_checkpoint(self.out) == checkpoint_path(self.out, self.step)
+
     @staticmethod
     def _partition_path(path: Path, rank: int) -> Path:
         return path.with_name(f"{path.stem}.optim-rank{rank}.pt")
@@ -323,7 +327,7 @@ class Trainer:
         # One host sync per step: whether any rank's loss is non-finite (all skip the step) and whether any rank was
         # asked to stop (all stop after this step, see stop_signals.py).
         flags = torch.stack([(~torch.isfinite(out.loss.detach())).float(),
-                             torch.tensor(float(self.stop.requested), device=out.loss.device)])
+                             out.loss.new_full((), float(self.stop.requested))])  # a fill, not a host copy
         nonfinite, stop = all_reduce_max(flags).tolist()
         self.stop_agreed = stop > 0
         self.nonfinite_streak = self.nonfinite_streak + 1 if nonfinite > 0 else 0
@@ -526,19 +530,16 @@ class Trainer:
         """A stop signal reached some rank: checkpoint this step (unless just written) and end the run."""
         if progress is not None:
             progress.close()
-        last = latest_checkpoint(self.out)
-        if self.nonfinite_streak or (last is not None and last.name.endswith(f"{self.step:07d}.pt")):
-            path = last  # during a non-finite streak the last good checkpoint is the one to continue from
-        else:
-            path = self.save()
+        if not (self.nonfinite_streak or self._checkpointed_now()):
+            self.save()
+        path = latest_checkpoint(self.out)  # this step's; during a non-finite streak the last good one
         self.metrics.close()
         raise TrainingStopped(self.stop.signum or signal.SIGTERM, self.step, path)
 
     def finish(self) -> dict:
         """Final checkpoint, samples, feature picture and loss curves; returns (and prints) where they are."""
         written = {}
-        last = latest_checkpoint(self.out)
-        if last is None or not last.name.endswith(f"{self.step:07d}.pt"):
+        if not self._checkpointed_now():
             self.save()
         ema = self.ema.state_dict()  # every rank (collective under ZeRO with the fused EMA)
         if self.dist.is_main:

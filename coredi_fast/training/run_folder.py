@@ -27,6 +27,8 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import checkpoint_steps
+
 LOCK_NAME = "run.lock"
 REPLACED_DIR = "replaced"
 # What a run writes into its folder (moved together by `overwrite`); feature_stats.pt is a cache and stays.
@@ -113,18 +115,13 @@ class RunFolder:
 
     # ------------------------------------------------------------------ whose files
 
-    def checkpoint_steps(self) -> list:
-        from .checkpoint import checkpoint_steps
-
-        return checkpoint_steps(self.out)
-
     def prepare(self, resume: str, overwrite: bool) -> Optional[str]:
         """Make the folder ready for a run that resumes as `resume` says; returns a message when files were moved.
 
         resume="none", or a checkpoint path from elsewhere, in a folder that holds a run: RunFolderInUse unless
         overwrite, which moves the previous run's files to replaced/<time>/. resume="auto" (or one of the folder's
         own checkpoints) continues what is there."""
-        steps = self.checkpoint_steps()
+        steps = checkpoint_steps(self.out)
         if resume == "auto" or not steps:
             return None
         if resume == "none":
