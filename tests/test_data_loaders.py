@@ -404,7 +404,7 @@ def test_dali_gpu_decoding_matches_torch(sharded):
 def test_a_corrupt_sample_in_a_shard_is_skipped_named_and_counted(sharded, tmp_path, caplog):
     import shutil
 
-    from coredi_fast.data import torch_loader
+    from coredi_fast.data.batches import BatchReader
     from coredi_fast.data.shards import shard_path
 
     copy = tmp_path / "shards"
@@ -416,9 +416,9 @@ def test_a_corrupt_sample_in_a_shard_is_skipped_named_and_counted(sharded, tmp_p
         f.seek(int(offset))
         f.write(b"\0" * int(length))
     batch_indices = np.arange(8)
-    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.torch_loader"):
-        batch = torch_loader._BatchReader(data)[batch_indices]
-    clean = torch_loader._BatchReader(sharded)[batch_indices]
+    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.batches"):
+        batch = BatchReader(data)[batch_indices]
+    clean = BatchReader(sharded)[batch_indices]
     assert int(batch["corrupt"]) == 1 and "corrupt" not in clean
     # The next decodable sample of the batch (6) stands in for 5, image and label together; the rest is untouched.
     assert torch.equal(batch["image"][5], clean["image"][6]) and batch["label"][5] == clean["label"][6]
@@ -457,7 +457,7 @@ def test_dali_serves_the_step_with_a_corrupt_sample_from_the_torch_path_and_goes
         f.seek(int(offset))
         f.write(b"\0" * int(length))
     data = ShardedImageDataset(copy)
-    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.torch_loader"):
+    with caplog.at_level(logging.WARNING, logger="coredi_fast.data.batches"):
         dali = DaliLoader(data, make(), device="cpu", num_threads=2, encoder_resolution=ENCODER_RES)
         dali_batches = _take(dali, 5)
         dali.close()

@@ -14,13 +14,14 @@ Datasets share one interface: `len(ds)`, `ds.read(i) -> Sample(image, moments, l
 `ds.num_classes`, `ds.has_moments`, `ds.moments_layout`, `ds.encoded`, `ds.channels`.
 The DALI loader is imported lazily: the package works without DALI.
 """
+from .batches import decode_image_bytes
 from .center_crop import center_crop_arr
 from .digits import DigitsDataset, digits_images, write_digits_image_folder
 from .encoder_input import IMAGENET_MEAN, IMAGENET_STD, encoder_input
 from .repa_folder import RepaFolderDataset
 from .sampler import ShardedSampler
 from .shards import Sample, ShardedImageDataset, read_manifest
-from .torch_loader import TorchLoader, build_loader, decode_image_bytes
+from .torch_loader import TorchLoader, build_loader
 
 __all__ = [
     "Sample", "ShardedImageDataset", "RepaFolderDataset", "DigitsDataset", "ShardedSampler",

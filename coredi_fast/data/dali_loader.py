@@ -25,9 +25,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .batches import BatchReader, resolve_device
 from .encoder_input import IMAGENET_MEAN, IMAGENET_STD, encoder_input
 from .sampler import ShardedSampler
-from .torch_loader import _resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class DaliLoader:
             raise ValueError(f"dataset.channels must be 1 or 3, got {dataset.channels}")
         self.dataset = dataset
         self.sampler = sampler
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.num_threads = num_threads
         self.py_num_workers = py_num_workers
         self.prefetch_queue_depth = prefetch_queue_depth
@@ -215,9 +215,7 @@ class DaliLoader:
 
     def _batch_on_cpu(self, step: int) -> dict:
         """The batch of global `step` decoded by the torch loader's reader (corrupt samples stood in for)."""
-        from .torch_loader import _BatchReader
-
-        batch = _BatchReader(self.dataset)[self.sampler.local_batch_at(step)]
+        batch = BatchReader(self.dataset)[self.sampler.local_batch_at(step)]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def state_dict(self) -> dict:

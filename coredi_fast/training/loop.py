@@ -371,7 +371,7 @@ class Trainer:
 
     def _fixed_images(self, n: int):
         """The same n images at every snapshot (the first n of the data set), for the feature-space picture."""
-        from ..data.torch_loader import decode_image_bytes
+        from ..data import decode_image_bytes
 
         images = []
         for i in range(min(n, len(self.dataset))):
