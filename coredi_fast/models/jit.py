@@ -48,7 +48,7 @@ from . import attention as attention_module
 from .checkpointing import checkpointed_block_count
 from .embeddings import LabelEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed
 from .rope import apply_rope, rope_2d_tables
-from .sit import _check_positive_int, gated_residual, modulate
+from .common import check_positive_int, gated_residual, modulate
 
 #################################################################################
 #                        Pixel packing (trainer / sampler)                      #
@@ -423,7 +423,7 @@ def _check_config(
     for arg, value in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, bottleneck_dim=bottleneck_dim,
                            num_classes=num_classes).items():
-        _check_positive_int(arg, value)
+        check_positive_int(arg, value)
     for arg, value in dict(feature_channels=feature_channels, in_context_len=in_context_len,
                            in_context_start=in_context_start).items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):

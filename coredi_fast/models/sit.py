@@ -16,27 +16,16 @@ DiT checkpoints were trained with integer steps 0..999 (pass those for DiT weigh
 
 References: DiT (Peebles & Xie), SiT (Ma et al.), REPA (Yu et al.), GLIDE, MAE.
 """
-import inspect
 import numbers
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpointing import checkpointed_block_count
-
 from .attention import Attention
+from .checkpointing import checkpointed_block_count
+from .common import check_positive_int, gated_residual, modulate
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation of normalized tokens: x (B, T, D), shift/scale (B, D) -> x * (1 + scale) + shift."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """adaLN-Zero residual: x, y (B, T, D), gate (B, D) -> x + gate * y (the gate is zero at init)."""
-    return x + gate.unsqueeze(1) * y
 
 
 #################################################################################
@@ -322,7 +311,7 @@ def _check_config(
     for arg, value in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
                            projector_hidden_size=projector_hidden_size, encoder_depth=encoder_depth).items():
-        _check_positive_int(arg, value)
+        check_positive_int(arg, value)
     for arg, value in dict(learn_sigma=learn_sigma, qk_norm=qk_norm).items():
         if not isinstance(value, bool):
             raise TypeError(f"{arg} must be a bool, got {value!r}")
@@ -342,17 +331,10 @@ def _check_config(
     if isinstance(projector_dims, (str, bytes)) or not isinstance(projector_dims, (tuple, list)):
         raise TypeError(f"projector_dims must be a list of ints, got {projector_dims!r}")
     for z_dim in projector_dims:
-        _check_positive_int("projector_dims", z_dim)
+        check_positive_int("projector_dims", z_dim)
     if projector_dims and encoder_depth > depth:
         raise ValueError(f"encoder_depth ({encoder_depth}) must be <= depth ({depth}) to attach REPA projectors")
     return tuple(int(z) for z in projector_dims)
-
-
-def _check_positive_int(arg: str, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{arg} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{arg} must be >= 1, got {value}")
 
 
 #################################################################################
@@ -378,51 +360,3 @@ MODEL_CONFIGS: dict[str, dict] = {
 MODEL_CONFIGS.update({
     f"SiT-{size}/{p}": dict(cfg, patch_size=p) for size, (cfg, patches) in _SMALL_SIZES.items() for p in patches
 })
-
-_OVERRIDABLE = tuple(a for a in inspect.signature(SiT).parameters if a != "name")
-
-
-def list_models(include_jit: bool = False) -> list[str]:
-    """Names accepted by `create_model`: SiT-/DiT-{S,B,L,XL}/{2,4,8}, SiT-Tiny/{1,2,4}, SiT-Micro/{1,2}; with
-    include_jit also the pixel-space JiT-{B,L,H}/{16,32}, JiT-Tiny/{2,4}, JiT-Micro/2 (`jit.py`)."""
-    if not include_jit:
-        return list(MODEL_CONFIGS)
-    from .jit import JIT_MODEL_CONFIGS
-
-    return list(MODEL_CONFIGS) + list(JIT_MODEL_CONFIGS)
-
-
-def create_model(
-    name: str,
-    input_size: int = 32,
-    in_channels: int = 4,
-    num_classes: int = 1000,
-    learn_sigma: bool = False,
-    class_dropout_prob: float = 0.1,
-    **overrides,
-) -> SiT:
-    """Builds a zoo model, e.g. `create_model("SiT-XL/2", in_channels=4 + 8)` for ReDi on 32x32 SD-VAE latents.
-
-    overrides: any other `SiT` argument (depth=, hidden_size=, num_heads=, mlp_ratio=, qk_norm=,
-    grad_checkpointing=, projector_dims=, ...), replacing the zoo value. Unknown names raise ValueError (model)
-    or TypeError (override); inconsistent sizes raise ValueError naming the argument.
-
-    Names starting with "JiT-" build the pixel-space `JiT` (`jit.create_jit_model`): there input_size is the image
-    side in pixels and in_channels the image channels (the defaults above are SiT's: pass both), the feature
-    channels go in `feature_channels=`, and learn_sigma must be False (JiT predicts x).
-    """
-    if isinstance(name, str) and name.startswith("JiT-"):
-        from .jit import create_jit_model
-
-        if learn_sigma:
-            raise ValueError(f"learn_sigma=True: {name} predicts clean data (x-prediction), it has no sigma output")
-        return create_jit_model(name, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                class_dropout_prob=class_dropout_prob, **overrides)
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_CONFIGS)}")
-    unknown = sorted(set(overrides) - set(_OVERRIDABLE))
-    if unknown:
-        raise TypeError(f"create_model() got unknown argument(s) {unknown}; valid ones: {', '.join(_OVERRIDABLE)}")
-    kwargs = {**MODEL_CONFIGS[name], **overrides}
-    return SiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma,
-               class_dropout_prob=class_dropout_prob, name=name, **kwargs)
