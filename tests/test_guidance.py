@@ -181,3 +181,23 @@ def test_label_batch_mismatch_is_reported():
     fn = cfg_model_fn(FakeModel(), torch.zeros(3, dtype=torch.long), 2.0, NULL_CLASS, IMAGE_CHANNELS)
     with pytest.raises(ValueError, match="labels"):
         fn(x, t)
+
+
+def test_representation_guidance_on_x_prediction_blends_the_converted_branches():
+    """RG's image-only branch sees zeroed feature channels: each branch converts x_hat with its OWN input, then the
+    velocities blend (JiT's _forward_sample order). Blending x_hat first and converting with the joint input differs
+    on the feature channels."""
+    x, _, y = _inputs()
+    t = torch.tensor([0.0, 0.4, 0.9, 0.99], dtype=torch.float64)
+    w, clamp = 1.7, 0.05
+    v = make_model_fn(FakeModel(), y, rg_scale=w, image_channels=IMAGE_CHANNELS, prediction="x",
+                      x_pred_clamp=clamp)(x, t)
+    x_zeroed = torch.cat([x[:, :IMAGE_CHANNELS], torch.zeros_like(x[:, IMAGE_CHANNELS:])], dim=1)
+    one_minus_t = (1 - t).clamp_min(clamp).view(-1, 1, 1, 1)
+    v_joint = (closed_form(x, t, y) - x) / one_minus_t
+    v_image_only = (closed_form(x_zeroed, t, y) - x_zeroed) / one_minus_t
+    torch.testing.assert_close(v, v_image_only + w * (v_joint - v_image_only))
+    guided_x_hat = closed_form(x_zeroed, t, y) + w * (closed_form(x, t, y) - closed_form(x_zeroed, t, y))
+    converted_after = (guided_x_hat - x) / one_minus_t
+    torch.testing.assert_close(v[:, :IMAGE_CHANNELS], converted_after[:, :IMAGE_CHANNELS])  # same input there
+    assert (v[:, IMAGE_CHANNELS:] - converted_after[:, IMAGE_CHANNELS:]).abs().max() > 0.1

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from coredi_fast.method import FeatureProjector, FeatureStatistics, ProjectorConfig, effective_rank
-from coredi_fast.method.objective import JointDiffusionObjective, JointNoise, ObjectiveConfig
+from coredi_fast.method.objective import JointDiffusionObjective, ObjectiveConfig
 from coredi_fast.models import create_model
 
 B, L, D, C, H = 3, 4, 6, 2, 4  # batch, tokens (2x2 grid), encoder dim, image channels, image side
@@ -20,6 +20,18 @@ class LinearDenoiser(torch.nn.Module):
 
     def forward(self, x, t, y):
         return self.conv(x) * (1 + t.view(-1, 1, 1, 1))
+
+
+class RecordingDenoiser(LinearDenoiser):
+    """LinearDenoiser that keeps its last input in `seen["x"]`."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.seen = {}
+
+    def forward(self, x, t, y):
+        self.seen["x"] = x.detach().clone()
+        return super().forward(x, t, y)
 
 
 def _projector(**overrides):
@@ -94,14 +106,8 @@ def test_stop_gradient_target_carries_no_gradient_but_w_learns_through_the_input
 def test_feature_dropout_zeroes_the_feature_input_and_loss_of_dropped_samples():
     projector = _projector(regularizer="none", feature_dropout=0.5)
     objective = JointDiffusionObjective(projector, ObjectiveConfig(image_channels=C, image_size=H))
-    seen = {}
-
-    class Recorder(LinearDenoiser):
-        def forward(self, x, t, y):
-            seen["x"] = x.detach().clone()
-            return super().forward(x, t, y)
-
-    model = Recorder(C + 2)
+    model = RecordingDenoiser(C + 2)
+    seen = model.seen
     x, f = torch.randn(B, C, H, H), torch.randn(B, L, D)
     noise = objective.draw_noise(B, generator=torch.Generator().manual_seed(3))
     keep = torch.tensor([True, False, True])
@@ -192,7 +198,8 @@ def _train_projection(stop_gradient, norm, regularizer, steps=150, seed=0):
         projector.eval()
         z = projector(f).z
         initial = FeatureProjector(config, stats)(f).z
-    return {"std": z.reshape(-1, dim).std(0).mean().item(), "initial_std": initial.reshape(-1, dim).std(0).mean().item(),
+    return {"std": z.reshape(-1, dim).std(0).mean().item(),
+            "initial_std": initial.reshape(-1, dim).std(0).mean().item(),
             "rank": effective_rank(z)}
 
 
@@ -249,3 +256,136 @@ def test_fused_embedding_refuses_what_it_cannot_compute():
                                                                               fused_embedding=True))
     with pytest.raises(ValueError, match="velocity"):
         ObjectiveConfig(prediction="x", fused_embedding=True)
+    with pytest.raises(ValueError, match="feature_dropout_mode"):
+        JointDiffusionObjective(_projector(feature_dropout=0.2, feature_dropout_mode="redi"),
+                                ObjectiveConfig(image_channels=C, image_size=H, fused_embedding=True))
+
+
+# ---------------------------------------------------------------------------------------------- x-prediction (JiT)
+
+def _double_model(model, channels):
+    model64 = LinearDenoiser(channels).double()
+    model64.load_state_dict(model.state_dict())
+    return model64
+
+
+def _jit_loss(model64, x, e, t, clamp=0.05):
+    """JiT's `Denoiser.forward` (LTH14/JiT denoiser.py) written out in float64, t = 1 being data as in JiT:
+    z = t x + (1 - t) e, v = (x - z) / (1 - t).clamp_min(t_eps), v_pred = (net(z) - z) / (1 - t).clamp_min(t_eps),
+    per-sample mean of (v - v_pred)^2."""
+    t4 = t.double().view(-1, 1, 1, 1)
+    z = t4 * x + (1 - t4) * e
+    v = (x - z) / (1 - t4).clamp_min(clamp)
+    v_pred = (model64(z, t.double(), None) - z) / (1 - t4).clamp_min(clamp)
+    return ((v - v_pred) ** 2).mean(dim=(1, 2, 3))
+
+
+def test_x_prediction_loss_is_jits_with_the_clamped_velocity_target():
+    projector = FeatureProjector(ProjectorConfig(mode="none", feature_dim=D))
+    objective = JointDiffusionObjective(projector, ObjectiveConfig(image_channels=C, image_size=H, prediction="x"))
+    model = LinearDenoiser(C)
+    x = torch.randn(B, C, H, H)
+    noise = objective.draw_noise(B, generator=torch.Generator().manual_seed(7))
+    noise = noise._replace(t=torch.tensor([0.3, 0.97, 0.999]))   # two samples past 1 - t_eps = 0.95
+    out = objective(model, x, None, torch.zeros(B, dtype=torch.long), noise=noise)
+    expected = _jit_loss(_double_model(model, C), x.double(), noise.noise_x.double(), noise.t).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    # The unclamped target x - eps (what the objective used before) gives another loss for t > 0.95.
+    t4 = noise.t.double().view(-1, 1, 1, 1)
+    z = t4 * x.double() + (1 - t4) * noise.noise_x.double()
+    v_pred = (_double_model(model, C)(z, noise.t.double(), None) - z) / (1 - t4).clamp_min(0.05)
+    unclamped = ((x.double() - noise.noise_x.double() - v_pred) ** 2).mean()
+    assert abs(unclamped - expected) > 1e-3 * expected
+
+
+def test_x_prediction_feature_target_uses_the_same_clamp():
+    projector = _projector(regularizer="none")
+    objective = JointDiffusionObjective(projector, ObjectiveConfig(image_channels=C, image_size=H, prediction="x"),
+                                        feature_grid_tokens=L)
+    model = LinearDenoiser(C + 2)
+    x, f = torch.randn(B, C, H, H), torch.randn(B, L, D)
+    noise = objective.draw_noise(B, generator=torch.Generator().manual_seed(8))
+    noise = noise._replace(t=torch.tensor([0.5, 0.96, 0.99]))
+    out = objective(model, x, f, torch.zeros(B, dtype=torch.long), noise=noise)
+    # The joint tensor (image ++ features) through JiT's formula; per-modality means as ReDi's loss.
+    z = f.double() @ projector.weight.detach().double()
+    flat = z.reshape(-1, 2)
+    z = (z - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + 1e-5)
+    grid = F.interpolate(z.transpose(1, 2).reshape(B, 2, 2, 2), size=H, mode="bilinear", align_corners=False)
+    clean = torch.cat([x.double(), grid], 1)
+    e = torch.cat([noise.noise_x, noise.noise_z], 1).double()
+    t4 = noise.t.double().view(-1, 1, 1, 1)
+    noisy = t4 * clean + (1 - t4) * e
+    v = (clean - noisy) / (1 - t4).clamp_min(0.05)
+    v_pred = (_double_model(model, C + 2)(noisy, noise.t.double(), None) - noisy) / (1 - t4).clamp_min(0.05)
+    err = (v - v_pred) ** 2
+    expected = (err[:, :C].mean(dim=(1, 2, 3)) + err[:, C:].mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- ReDi's feature dropout
+
+def _redi_training_loss(model64, x, grid, noise, dropped: bool, lam=1.0):
+    """ReDi's `Transport.training_losses` (zelaki/ReDi transport/transport.py) written out in float64: x1 = the joint
+    (latent ++ PCA grid); when the step's coin drops, lam = 0 and x1[:, 4:] = 0 BEFORE `path_sampler.plan`, which
+    builds xt = t x1 + (1 - t) x0 and ut = x1 - x0 (ICPlan: alpha_t = t, sigma_t = 1 - t)."""
+    x1 = torch.cat([x.double(), grid.double()], 1)
+    if dropped:
+        lam = 0.0
+        x1[:, C:] = 0
+    x0 = torch.cat([noise.noise_x, noise.noise_z], 1).double()
+    t = noise.t.double().view(-1, 1, 1, 1)
+    xt = t * x1 + (1 - t) * x0
+    ut = x1 - x0
+    out = model64(xt, noise.t.double(), None)
+    loss_vae = ((out[:, :C] - ut[:, :C]) ** 2).mean(dim=(1, 2, 3))
+    loss_dino = ((out[:, C:] - ut[:, C:]) ** 2).mean(dim=(1, 2, 3))
+    return (loss_vae + lam * loss_dino).mean(), xt
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_redi_feature_dropout_is_redis_formula(dropped):
+    stats = FeatureStatistics(D)
+    stats.update(torch.randn(64, D) * torch.linspace(0.5, 2.0, D) + 1.0)
+    config = ProjectorConfig(mode="pca", feature_dim=D, dim=2, feature_dropout=0.2, feature_dropout_mode="redi")
+    projector = FeatureProjector(config, stats)
+    objective = JointDiffusionObjective(projector, ObjectiveConfig(image_channels=C, image_size=H),
+                                        feature_grid_tokens=L)
+    model = RecordingDenoiser(C + 2)
+    seen = model.seen
+    x, f = torch.randn(B, C, H, H), torch.randn(B, L, D)
+    noise = objective.draw_noise(B, generator=torch.Generator().manual_seed(9))
+    noise = noise._replace(feature_keep=torch.full((B,), not dropped))
+    out = objective(model, x, f, torch.zeros(B, dtype=torch.long), noise=noise)
+    # ReDi's PCA channels: ((f - mean)/std - pca_mean) @ components[:d].T on the 2x2 grid, resized bilinearly.
+    z = ((f.double() - stats.mean) / stats.std) @ stats.pca().components[:2].T
+    grid = F.interpolate(z.transpose(1, 2).reshape(B, 2, 2, 2), size=H, mode="bilinear", align_corners=False)
+    expected, xt = _redi_training_loss(_double_model(model, C + 2), x, grid, noise, dropped)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(seen["x"].double(), xt, rtol=1e-5, atol=1e-6)
+    if dropped:  # the model saw (1 - t) eps_z on the feature channels, not zeros (that is the "sample" mode)
+        t = noise.t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(seen["x"][:, C:], (1 - t) * noise.noise_z)
+
+
+def test_redi_dropout_draws_one_coin_for_the_batch_on_the_device():
+    def objective(mode):
+        config = ProjectorConfig(feature_dim=D, dim=2, init="orthogonal", feature_dropout=0.3,
+                                 feature_dropout_mode=mode)
+        return JointDiffusionObjective(FeatureProjector(config), ObjectiveConfig(image_channels=C, image_size=H))
+
+    redi, sample = objective("redi"), objective("sample")
+    gen = torch.Generator().manual_seed(10)
+    draws = torch.stack([redi.draw_noise(8, generator=gen).feature_keep for _ in range(400)])   # (400, 8)
+    assert bool((draws == draws[:, :1]).all())                    # every sample of a step shares the coin
+    assert abs(draws[:, 0].float().mean().item() - 0.7) < 0.07    # kept with probability 1 - p
+    per_sample = torch.stack([sample.draw_noise(8, generator=gen).feature_keep for _ in range(50)])
+    assert not bool((per_sample == per_sample[:, :1]).all())
+    # No host value is needed to draw it: it works on the meta device, where any .item() would fail.
+    keep = redi.draw_noise(8, device="meta").feature_keep
+    assert keep.device.type == "meta" and keep.shape == (8,) and keep.dtype == torch.bool
+    # A rank's slice of the global draw carries the same coin.
+    noise = redi.draw_noise(8, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(noise.slice(4, 8).feature_keep, noise.feature_keep[:4])
+    with pytest.raises(ValueError, match="feature_dropout_mode"):
+        ProjectorConfig(feature_dim=D, dim=2, feature_dropout_mode="batch")

@@ -13,10 +13,18 @@ for predicting the image velocity and the feature velocity. The projector decide
 Randomness (t, both noises, feature dropout) is drawn by `draw_noise`, which the caller may do for the *global*
 batch and slice per rank: that is how a 2-process run reproduces a 1-process run exactly.
 
-Feature dropout (for Representation Guidance) is per sample: a dropped sample sees an all-zero feature input z_t
-(exactly what Representation Guidance feeds the model at sampling time) and contributes no feature loss. ReDi
-instead drops the whole batch once per step and zeroes the clean features before noising; the per-sample form is
-the standard classifier-free-guidance recipe and matches inference.
+Feature dropout (for Representation Guidance), `ProjectorConfig.feature_dropout_mode`:
+* "sample" (default): per sample, a dropped sample sees an all-zero feature input z_t (exactly what Representation
+  Guidance feeds the model at sampling time) and contributes no feature loss. The standard classifier-free-guidance
+  recipe; it matches inference.
+* "redi": ReDi's `transport.training_losses`: one coin per step drops the whole batch (here the global batch, drawn
+  on the device from the step's generator, so every rank agrees and nothing syncs with the host); the clean
+  features are zeroed *before* noising, so the model sees z_t = (1 - t) eps_z, and the feature loss weight is 0 for
+  that step (ReDi's `lam = 0`).
+
+x-prediction (JiT): the network outputs clean data x_hat and both sides of the loss are velocities built with JiT's
+clamp, v_hat = (x_hat - x_t) / max(1 - t, c) and target (x - x_t) / max(1 - t, c) (JiT's `denoiser.py`, c = t_eps =
+0.05). The target equals x - eps for t <= 1 - c and shrinks to (1 - t) / c (x - eps) above.
 """
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional
@@ -43,7 +51,9 @@ class ObjectiveConfig:
     feature_weight: lambda_z, weight of the feature loss (ReDi: 1; pixel-space models want less, see method.md).
     time_sampling: "uniform" (SiT) | "logit_normal" (JiT); time_mean / time_std parametrize the latter.
     prediction: "velocity" (SiT: the model outputs v) | "x" (JiT: the model outputs clean data, the loss is still
-        on the velocity v = (x_pred - x_t) / max(1 - t, x_pred_clamp)).
+        on velocities, both built like JiT: v = (x_pred - x_t) / max(1 - t, x_pred_clamp) against the target
+        (x - x_t) / max(1 - t, x_pred_clamp)).
+    x_pred_clamp: JiT's t_eps (0.05).
     fused_embedding: compute projection + norm + statistics + resize + noise + patch embedding with the fused
         `coredi_kernels.joint_embedding` op (same numbers; Triton on GPU). Needs stop-gradient targets, velocity
         prediction, the ortho/cov/none regularizer and a model with `forward_tokens` (SiT/DiT).
@@ -119,6 +129,9 @@ class JointDiffusionObjective(nn.Module):
                 raise ValueError("fused_embedding needs feature channels (projector mode 'learned' or 'pca')")
             if not pc.stop_gradient:
                 raise ValueError("fused_embedding needs projector stop_gradient=True (its target is always detached)")
+            if pc.feature_dropout > 0 and pc.feature_dropout_mode == "redi":
+                raise ValueError("fused_embedding zeroes z_t of dropped samples (feature_dropout_mode='sample'); "
+                                 "feature_dropout_mode='redi' zeroes the clean features before noising")
             if pc.regularizer == "vf":
                 raise ValueError("fused_embedding supports the ortho, cov and none regularizers, not 'vf'")
 
@@ -135,7 +148,11 @@ class JointDiffusionObjective(nn.Module):
                    dtype=torch.float32, label_dropout: float = 0.0) -> JointNoise:
         """Draw t, eps_x, eps_z, the feature-dropout mask and (with label_dropout > 0) the label-dropout mask for
         `batch_size` samples, all from `generator`. Drawing the label dropout here rather than inside the model
-        makes a run reproducible across world sizes (the model's own dropout uses the global RNG)."""
+        makes a run reproducible across world sizes (the model's own dropout uses the global RNG).
+
+        Feature dropout: one coin per sample ("sample"), or one coin for all `batch_size` samples ("redi"; drawn
+        for the global batch, every rank's slice agrees). Either way the coin stays a device tensor (no host sync).
+        """
         c = self.config
         t = sample_time(batch_size, c.time_sampling, mean=c.time_mean, std=c.time_std, device=device,
                         generator=generator)
@@ -146,7 +163,9 @@ class JointDiffusionObjective(nn.Module):
             shape = (batch_size, self.feature_channels, c.image_size, c.image_size)
             noise_z = torch.randn(shape, device=device, generator=generator, dtype=dtype)
             drop = self.projector.config.feature_dropout
-            if drop > 0:
+            if drop > 0 and self.projector.config.feature_dropout_mode == "redi":
+                keep = (torch.rand((), device=device, generator=generator) >= drop).repeat(batch_size)
+            elif drop > 0:
                 keep = torch.rand(batch_size, device=device, generator=generator) >= drop
         label_drop = None
         if label_dropout > 0:
@@ -175,17 +194,22 @@ class JointDiffusionObjective(nn.Module):
         logs: Dict[str, torch.Tensor] = {}
 
         x_t = interpolate(x, noise.noise_x, noise.t)
-        target = velocity_target(x, noise.noise_x)
+        target = self._velocity_target(x, noise.noise_x, noise.t, x_t)
         reg_loss = None
         out = self.projector(features) if self.projector.enabled else None
         if out is not None:
             z = tokens_to_grid(out.z, c.image_size)                  # (B, d, H, W), gradient to W
             z_target = tokens_to_grid(out.target, c.image_size)      # detached unless stop_gradient is off
+            keep = None if noise.feature_keep is None else noise.feature_keep.to(z.dtype).view(-1, 1, 1, 1)
+            redi_dropout = self.projector.config.feature_dropout_mode == "redi"
+            if keep is not None and redi_dropout:   # ReDi: zero the clean features, then noise: z_t = (1 - t) eps
+                z, z_target = z * keep, z_target * keep
             z_t = interpolate(z, noise.noise_z, noise.t)
-            if noise.feature_keep is not None:
-                z_t = z_t * noise.feature_keep.to(z_t.dtype).view(-1, 1, 1, 1)
+            if keep is not None and not redi_dropout:
+                z_t = z_t * keep
             x_t = torch.cat([x_t, z_t.to(x_t.dtype)], dim=1)
-            target = torch.cat([target, velocity_target(z_target, noise.noise_z).to(target.dtype)], dim=1)
+            z_velocity = self._velocity_target(z_target, noise.noise_z, noise.t)
+            target = torch.cat([target, z_velocity.to(target.dtype)], dim=1)
             reg_loss = out.reg_loss
             logs.update(out.stats)
 
@@ -206,6 +230,17 @@ class JointDiffusionObjective(nn.Module):
             loss = loss + reg_loss
         logs["loss"] = loss.detach()
         return ObjectiveOutput(loss, logs, None if out is None else out.z.detach())
+
+    def _velocity_target(self, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                         noisy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The regression target (B, C, H, W) for clean data and noise (B, C, H, W) at times t (B,): x - eps for a
+        velocity model; JiT's (x - x_t) / max(1 - t, clamp) for an x-prediction model (x_t = `noisy` when given,
+        else rebuilt from clean and noise, so a detached clean gives a detached target)."""
+        if self.config.prediction != "x":
+            return velocity_target(clean, noise)
+        if noisy is None:
+            noisy = interpolate(clean, noise, t)
+        return velocity_from_x_prediction(clean, noisy, t, clamp=self.config.x_pred_clamp)
 
     def _forward_fused(self, model, x, features, y, noise: JointNoise) -> ObjectiveOutput:
         """The same loss with `coredi_kernels.joint_embedding` producing the transformer's input tokens."""

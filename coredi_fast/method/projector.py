@@ -43,6 +43,7 @@ MODES = ("learned", "pca", "none")
 INITS = ("pca", "orthogonal", "random")
 NORMS = ("batchnorm", "none")
 REGULARIZERS = ("ortho", "cov", "vf", "none")
+FEATURE_DROPOUT_MODES = ("sample", "redi")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -93,6 +94,9 @@ class ProjectorConfig:
     lr_scale: W's learning rate is base_lr * lr_scale (see `FeatureProjector.param_groups`).
     feature_dropout: probability that the objective drops the feature channels for Representation Guidance
         (carried and validated here, applied by the objective).
+    feature_dropout_mode: "sample" (default: each sample drops on its own; a dropped sample sees z_t = 0 and has no
+        feature loss) | "redi" (ReDi's recipe: the whole batch drops once per step, its clean features are zeroed
+        before noising, so z_t = (1 - t) eps, and the feature loss weight is 0 that step). See `objective.py`.
     """
     mode: str = "learned"
     feature_dim: int = 768
@@ -110,6 +114,7 @@ class ProjectorConfig:
     vf_margin_dist: float = 0.25
     lr_scale: float = 1.0
     feature_dropout: float = 0.0
+    feature_dropout_mode: str = "sample"
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -124,6 +129,7 @@ class ProjectorConfig:
             self.regularizer = "cov" if self.mode == "learned" else "none"
         _check_choice("norm", self.norm, NORMS)
         _check_choice("regularizer", self.regularizer, REGULARIZERS)
+        _check_choice("feature_dropout_mode", self.feature_dropout_mode, FEATURE_DROPOUT_MODES)
         if self.init is not None:
             _check_choice("init", self.init, INITS)
         for name in ("norm_affine", "stop_gradient"):

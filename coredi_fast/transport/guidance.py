@@ -11,9 +11,11 @@ like ReDi's `forward_with_cfg*`, and only one pass of batch B when the guidance 
   feature INPUT channels zeroed, same class label, applied to all output channels. Meant for models trained with
   feature dropout.
 
-All guidance rules are affine in the network output with the same offset in both branches, so guiding an
-x-prediction network's output and then converting to velocity (`prediction="x"` in `make_model_fn`) gives exactly
-the velocity-space guidance.
+x-prediction networks (JiT) are converted to velocity per branch, each with its own input, and the velocities are
+blended: v = v_u + w (v_c - v_u) with v_b = (x_hat_b - x_b) / max(1 - t, clamp), as JiT's `_forward_sample` does
+for CFG. For CFG both branches see the same x, so this equals guiding x_hat and converting once; for RG it does not:
+the image-only branch sees zeroed feature channels, so its feature velocity is (x_hat_u - 0) / (1 - t) rather than
+(x_hat_u - z_t) / (1 - t), and guiding x_hat first would give the wrong feature velocities.
 """
 from typing import Callable, Optional, Tuple
 
@@ -129,8 +131,8 @@ def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guid
             null_class is required when cfg_scale != 1.
         rg_scale: Representation Guidance scale (None or 1: off).
         image_channels: number of leading image channels (4 for SD-VAE latents, 3 for pixels).
-        prediction: "velocity" (SiT) or "x" (JiT: the output is converted with
-            `velocity_from_x_prediction(out, x, t, clamp=x_pred_clamp)` after guidance).
+        prediction: "velocity" (SiT) or "x" (JiT: each branch's output is converted with
+            `velocity_from_x_prediction(out, its input, t, clamp=x_pred_clamp)` before the guidance blend).
 
     CFG and RG together raise ValueError: ReDi treats them as alternatives (`sample_ddp.py` uses one or the other)
     and no composition of the two has been published.
@@ -141,6 +143,10 @@ def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guid
         raise ValueError(f"guidance_on must be one of {GUIDANCE_TARGETS}, got {guidance_on!r}")
     _check_interval(guidance_interval)
     _check_channels(image_channels)
+    if prediction == "x":
+        if not x_pred_clamp > 0:
+            raise ValueError(f"x_pred_clamp must be > 0, got {x_pred_clamp}")
+        model = _velocity_network(model, x_pred_clamp)
     use_cfg = cfg_scale != 1.0
     use_rg = rg_scale is not None and rg_scale != 1.0
     if use_cfg and use_rg:
@@ -157,14 +163,13 @@ def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guid
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             _check_labels(y, x)
             return model(x, t, y)
+    return fn
 
-    if prediction == "velocity":
-        return fn
 
-    if not x_pred_clamp > 0:
-        raise ValueError(f"x_pred_clamp must be > 0, got {x_pred_clamp}")
+def _velocity_network(model: Callable, clamp: float) -> Callable:
+    """An x-prediction network seen as a velocity network: (x, t, y) -> (model(x, t, y) - x) / max(1 - t, clamp),
+    row by row with each row's own input (the guidance wrappers batch their branches along the rows)."""
+    def network(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return velocity_from_x_prediction(model(x, t, y), x, t, clamp=clamp)
 
-    def velocity_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return velocity_from_x_prediction(fn(x, t), x, t, clamp=x_pred_clamp)
-
-    return velocity_fn
+    return network

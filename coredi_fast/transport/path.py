@@ -68,7 +68,9 @@ def velocity_from_x_prediction(x_pred: torch.Tensor, x_t: torch.Tensor, t: TimeL
                                clamp: float = 0.05) -> torch.Tensor:
     """Velocity of an x-prediction model (JiT): v = (x_pred - x_t) / max(1 - t, clamp).  (B, C, ...) -> (B, C, ...).
 
-    `clamp` (JiT's t_eps = 0.05) bounds the division near t = 1, where 1 - t -> 0.
+    `clamp` (JiT's t_eps = 0.05) bounds the division near t = 1, where 1 - t -> 0. JiT builds its training target
+    with the same formula from the clean data, (x - x_t) / max(1 - t, clamp): x - eps for t <= 1 - clamp, and
+    (1 - t) / clamp * (x - eps) above (`JointDiffusionObjective` does the same for prediction="x").
     """
     if not clamp > 0:
         raise ValueError(f"clamp must be > 0, got {clamp}")
