@@ -155,6 +155,8 @@ class TrainConfig:
             return "stop_gradient is off"
         if p.regularizer == "vf":
             return "the vf regularizer needs the unfused path"
+        if p.feature_dropout > 0 and p.feature_dropout_mode == "redi":
+            return "feature_dropout_mode=redi zeroes the clean features before noising"
         if m.prediction != "velocity":
             return "x-prediction"
         if self.is_jit:
