@@ -55,6 +55,7 @@ class EncoderConfig:
     resolution: int = 224             # DINOv2 input side (bicubic resize); ignored by the digits encoder
     dtype: str = "bf16"               # autocast dtype of the encoder on GPU (fp32 on CPU): bf16 | fp32
     statistics: Optional[str] = None  # FeatureStatistics file; computed at start-up when null
+    pca_file: Optional[str] = None    # ReDi's dino_pca_model.pth: its mean/std/PCA, used as stored (not recomputed)
     statistics_batches: int = 32      # batches used when computed at start-up
     cuda_graph: bool = True           # on a GPU, replay the encoder's forward as a CUDA graph (static shapes)
 
@@ -89,7 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 100
-    grad_clip: float = 0.0            # 0 = off (ReDi); DeepSpeed takes it from its json ("gradient_clipping")
+    grad_clip: float = 0.0            # 0 = off (ReDi); a DeepSpeed json's "gradient_clipping" must agree (ds_config.py)
     ema_decay: float = 0.999          # ReDi/SiT: 0.9999 (a 2000-step demo needs a shorter memory)
     ema_warmup: bool = True           # ramp the decay up as min(decay, (1+k)/(10+k)); ReDi/SiT use a constant decay
     fused_ema: str = "auto"           # AdamWEMA updates the EMA in the optimizer pass: auto (on when the native op is
@@ -199,6 +200,13 @@ class TrainConfig:
         _positive("encoder.statistics_batches", self.encoder.statistics_batches)
         if self.encoder.statistics and not Path(self.encoder.statistics).is_file():
             raise ValueError(f"encoder.statistics: file not found: {self.encoder.statistics}")
+        if self.encoder.pca_file:
+            if not Path(self.encoder.pca_file).is_file():
+                raise ValueError(f"encoder.pca_file: file not found: {self.encoder.pca_file}")
+            if self.encoder.statistics:
+                raise ValueError("encoder.pca_file and encoder.statistics both give the feature statistics: set one")
+            if self.method.projector.mode == "none":
+                raise ValueError("encoder.pca_file needs feature channels, but method.projector.mode is none")
         if not isinstance(self.method.projector, ProjectorConfig):
             raise ValueError("method.projector must be a mapping of ProjectorConfig fields")
         self.objective_config(1, 1)  # validates the objective's fields (feature_weight, time_sampling, prediction)

@@ -113,7 +113,8 @@ class DDPEngine(Engine):
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage 1/2) with a client optimizer (torch AdamW with our parameter groups).
 
-    Gradient clipping comes from the json's "gradient_clipping" (the engine clips); bf16 from its "torch_autocast".
+    The DeepSpeed engine clips with the json's "gradient_clipping", which start-up makes equal to optim.grad_clip
+    (ds_config.py); bf16 comes from its "torch_autocast".
     The optimizer state is partitioned: each rank saves and loads its own part.
     """
 

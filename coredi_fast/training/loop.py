@@ -33,6 +33,7 @@ from .checkpoint import (checkpoint_path, latest_checkpoint, load_checkpoint, re
 from .config import TrainConfig
 from .distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, broadcast_object,
                           cleanup_distributed, setup_distributed)
+from .ds_config import load_ds_config
 from .ema import EMA
 from .engine import TrainModule, build_engine, build_optimizer
 from .metrics import MetricsLogger
@@ -148,8 +149,14 @@ class Trainer:
         cfg = self.cfg
         if self.encoder is None:
             return None
-        from ..method import FeatureStatistics
+        from ..method import FeatureStatistics, load_redi_pca
 
+        if cfg.encoder.pca_file:  # ReDi's own basis, exactly as stored (checked by preflight)
+            stats = load_redi_pca(cfg.encoder.pca_file)
+            if self.dist.is_main:
+                print(f"feature statistics: ReDi PCA file {stats.source} ({stats.count} tokens, whiten="
+                      f"{stats.whiten}, not applied)", flush=True)
+            return stats
         if cfg.encoder.statistics:
             return FeatureStatistics.load(cfg.encoder.statistics)
         cached = self.out / "feature_stats.pt"
@@ -575,36 +582,6 @@ def _describe_optimizer(optimizer) -> str:
     if isinstance(optimizer, AdamWEMA):
         return f"AdamWEMA ({optimizer.backend} backend): AdamW and the fp32 EMA in one pass"
     return f"torch.optim.AdamW{' (fused)' if optimizer.defaults.get('fused') else ''} + a separate fp32 EMA update"
-
-
-def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
-    """Read the DeepSpeed json and reconcile it with the run's config (batch sizes filled in; conflicts fail)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--ds_config file not found: {p}")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: invalid JSON: {e}") from None
-    global_batch = cfg.data.global_batch_size
-    expected = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // world_size,
-                "gradient_accumulation_steps": 1}
-    for key, value in expected.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif int(ds[key]) != value:
-            raise ValueError(f"{p}: {key}={ds[key]} conflicts with data.global_batch_size={global_batch} on "
-                             f"{world_size} processes (expected {value}; set it to \"auto\")")
-    if "gradient_clipping" not in ds:
-        raise ValueError(f"{p}: set \"gradient_clipping\" explicitly (DeepSpeed silently defaults it to 1.0; use 0.0 "
-                         "for none, as ReDi trains)")
-    if cfg.optim.grad_clip and float(ds["gradient_clipping"]) != cfg.optim.grad_clip:
-        raise ValueError(f"{p}: gradient_clipping={ds['gradient_clipping']} but optim.grad_clip={cfg.optim.grad_clip};"
-                         " with DeepSpeed the json decides: leave optim.grad_clip at 0")
-    if cfg.run.precision == "fp32":
-        ds.setdefault("torch_autocast", {})["enabled"] = False
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
 
 
 def run(cfg: TrainConfig, ds_config_path: Optional[str] = None, local_rank: Optional[int] = None) -> dict:

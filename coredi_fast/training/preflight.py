@@ -20,8 +20,10 @@ from .config import TrainConfig
 
 def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
     """Raise ValueError (naming the field or file) for the first problem found; return None when all is well."""
-    if ds_config_path is not None and not Path(ds_config_path).is_file():
-        raise ValueError(f"--ds_config: file not found: {ds_config_path}")
+    if ds_config_path is not None:  # its gradient_clipping must agree with optim.grad_clip (ds_config.py)
+        from .ds_config import read_ds_config, reconcile_gradient_clipping
+
+        reconcile_gradient_clipping(read_ds_config(ds_config_path), ds_config_path, cfg)
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise ValueError(f"run.resume: checkpoint not found: {r} (use auto, none or a checkpoint file)")
@@ -31,6 +33,8 @@ def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
         if not dali_available():
             raise ValueError("data.loader=dali but nvidia.dali is not installed (pip install nvidia-dali-cuda130, "
                              "or data.loader=auto)")
+    if cfg.encoder.pca_file:
+        _check_pca_file(cfg)
     weights = cfg.encoder.weights
     if weights not in (None, "hub") and cfg.method.projector.mode != "none" and not Path(weights).exists():
         raise ValueError(f"encoder.weights: file not found: {weights}")
@@ -49,6 +53,24 @@ def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
     if encoder is not None:
         check_feature_grid_fits(encoder.num_tokens, image_size)
     _denoiser_on_meta(cfg, image_channels, image_size, dataset.num_classes)
+
+
+def _check_pca_file(cfg: TrainConfig) -> None:
+    """encoder.pca_file: read safely (no pickled code runs) and fit to the projector's widths."""
+    from ..method import read_redi_pca
+
+    p, path = cfg.method.projector, cfg.encoder.pca_file
+    try:
+        stored = read_redi_pca(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"encoder.pca_file: {error}") from None
+    channels, count = stored.components.shape[1], stored.components.shape[0]
+    if channels != p.feature_dim:
+        raise ValueError(f"encoder.pca_file: {path} holds {channels}-d statistics but method.projector.feature_dim="
+                         f"{p.feature_dim}")
+    if count < p.dim:
+        raise ValueError(f"encoder.pca_file: {path} holds {count} principal components, fewer than "
+                         f"method.projector.dim={p.dim}")
 
 
 def _encoder_on_meta(cfg: TrainConfig, data_channels: int):
