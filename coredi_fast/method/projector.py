@@ -185,8 +185,10 @@ class FeatureProjector(nn.Module):
     Args:
         config: a `ProjectorConfig`.
         statistics: dataset `FeatureStatistics` of the raw encoder tokens (mean/std for standardization, PCA for
-            mode "pca" and init "pca"). Without them the standardization is the identity (mean 0, std 1) and
-            `has_statistics` is False; they can be set later with `set_statistics` (or arrive with a state dict).
+            mode "pca" and init "pca"), computed, or ReDi's published file (`load_redi_pca`: then the projection is
+            ReDi's own, including its nonzero pca_mean). Without them the standardization is the identity (mean 0,
+            std 1) and `has_statistics` is False; they can be set later with `set_statistics` (or arrive with a state
+            dict).
 
     Buffers: feature_mean, feature_std, pca_mean (D,); pca_components (d, D); has_statistics (bool). Parameters
     (learned mode): weight W (D, d), laid out so that tokens @ W projects (the transpose of nn.Linear's layout);
@@ -261,11 +263,15 @@ class FeatureProjector(nn.Module):
         if statistics.feature_dim != self.config.feature_dim:
             raise ValueError(f"statistics has feature_dim={statistics.feature_dim} but config.feature_dim="
                              f"{self.config.feature_dim}")
+        components = statistics.pca().components
+        if components.shape[0] < self.config.dim:
+            raise ValueError(f"the statistics hold {components.shape[0]} principal components, fewer than the "
+                             f"projector's dim={self.config.dim}")
         device = self.feature_mean.device
         self.feature_mean.copy_(statistics.mean.to(device))
         self.feature_std.copy_(statistics.std.to(device))
         self.pca_mean.copy_(statistics.standardized_mean.to(device))
-        self.pca_components.copy_(statistics.pca().components[: self.config.dim].to(device))
+        self.pca_components.copy_(components[: self.config.dim].to(device))
         self.has_statistics.fill_(True)
         if self.config.mode == "pca":
             self.weight.copy_(self.pca_components.T)

@@ -33,7 +33,7 @@ class PCA(NamedTuple):
 
     eigenvalues: (D,) float64, descending: the variance of the standardized features along each component.
     components: (D, D) float64, row k is the k-th principal direction (unit norm; sign fixed so that its entry of
-        largest magnitude is positive).
+        largest magnitude is positive). (K, D), K <= D, with the signs as stored, for `FixedFeatureStatistics`.
     explained_variance_ratio: (D,) float64, eigenvalues / their sum.
     """
     eigenvalues: torch.Tensor
@@ -227,3 +227,87 @@ class FeatureStatistics:
 
     def __repr__(self) -> str:
         return f"FeatureStatistics(feature_dim={self.feature_dim}, count={self.count}, device={self.mean.device})"
+
+
+class FixedFeatureStatistics(FeatureStatistics):
+    """Statistics that were given rather than accumulated, used exactly as stored: ReDi's published PCA file
+    (`redi_pca.load_redi_pca`). The projector standardizes with them as ReDi does,
+
+        ((f - mean) / std - pca_mean) @ components[:d].T
+
+    Args:
+        mean, std: (D,) token mean and std (std > 0; ReDi's is numpy's population std).
+        pca_mean: (D,) mean of the standardized tokens the PCA was fitted on (`standardized_mean`).
+        components: (K, D) principal directions, rows by decreasing variance (K may be < D).
+        eigenvalues: (K,) their variances, or None when not stored (then NaN).
+        count: tokens they were computed from (for reports only); source: where they came from (for messages);
+        whiten: the PCA's whiten flag, kept for reports (the projection never whitens, see `redi_pca`).
+
+    Nothing accumulates: `update`/`merge` raise, and so do `covariance` and `state_dict` (the file they came from
+    is the record; configs name it as encoder.pca_file).
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, pca_mean: torch.Tensor, components: torch.Tensor,
+                 eigenvalues: Optional[torch.Tensor] = None, count: int = 0, source: str = "given",
+                 whiten: bool = False):
+        dim = int(mean.shape[0])
+        super().__init__(dim, device="cpu")
+        shapes = {"std": (std, (dim,)), "pca_mean": (pca_mean, (dim,)),
+                  "components": (components, (components.shape[0], dim))}
+        for name, (value, shape) in shapes.items():
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, expected {shape}")
+        if eigenvalues is not None and tuple(eigenvalues.shape) != (components.shape[0],):
+            raise ValueError(f"{source}: eigenvalues have shape {tuple(eigenvalues.shape)}, expected "
+                             f"({components.shape[0]},)")
+        self.m2 = torch.zeros(0, dtype=torch.float64)   # never used: nothing accumulates
+        self.mean = mean.to(torch.float64).clone()
+        self._std = std.to(torch.float64).clone()
+        self._pca_mean = pca_mean.to(torch.float64).clone()
+        self._components = components.to(torch.float64).clone()
+        if eigenvalues is None:
+            eigenvalues = torch.full((components.shape[0],), float("nan"), dtype=torch.float64)
+        self._eigenvalues = eigenvalues.to(torch.float64).clone()
+        self.count = int(count)
+        self.source = source
+        self.whiten = bool(whiten)
+
+    def _fixed(self, what: str):
+        return TypeError(f"{what}: the feature statistics from {self.source} are fixed (imported), not accumulated")
+
+    def update(self, features: torch.Tensor) -> "FeatureStatistics":
+        raise self._fixed("update")
+
+    def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
+        raise self._fixed("merge")
+
+    def to(self, device: Union[str, torch.device]) -> "FixedFeatureStatistics":
+        for name in ("mean", "_std", "_pca_mean", "_components", "_eigenvalues"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        raise self._fixed("covariance")
+
+    @property
+    def std(self) -> torch.Tensor:
+        """(D,) the stored std."""
+        return self._std
+
+    @property
+    def standardized_mean(self) -> torch.Tensor:
+        """(D,) the stored PCA mean (nonzero in ReDi's file: its mean/std and its PCA saw different batches)."""
+        return self._pca_mean
+
+    def pca(self) -> PCA:
+        """The stored basis: eigenvalues (K,), components (K, D), explained_variance_ratio (K,) of the K stored."""
+        total = self._eigenvalues.sum()
+        return PCA(self._eigenvalues, self._components, self._eigenvalues / total)
+
+    def state_dict(self) -> dict:
+        raise self._fixed("state_dict")
+
+    def __repr__(self) -> str:
+        return (f"FixedFeatureStatistics(feature_dim={self.feature_dim}, components={self._components.shape[0]}, "
+                f"source={self.source!r})")
