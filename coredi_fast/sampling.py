@@ -558,8 +558,8 @@ def load_sampling_model(args) -> Tuple[nn.Module, SamplingSpec]:
     except (FileNotFoundError, ValueError) as e:
         raise SamplingArgumentError(f"--ckpt: {e}") from None
     state_dict = _strip_prefixes(state_dict)
-    # REPA's alignment projectors only serve its training loss.
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("projectors.")}
+    # REPA's alignment projectors (`projectors.*`; ReDi+REPA names its one `projector.*`) only serve a training loss.
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("projectors.", "projector."))}
     ours = bool(info.get("model_config") and info.get("config"))
     if ours and args.time_convention != "sit":
         raise SamplingArgumentError(f"--time-convention {args.time_convention}: this package's checkpoints use "

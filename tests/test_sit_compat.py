@@ -267,3 +267,98 @@ def test_reference_uses_the_timestep_convention_we_document():
     assert math.isclose(feats[0, 0].item(), math.cos(0.5), abs_tol=1e-7)
     assert math.isclose(feats[0, 128].item(), math.sin(0.5), abs_tol=1e-7)
     assert math.isclose(feats[0, 129].item(), math.sin(0.5 * 10000 ** (-1 / 128)), abs_tol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ReDi + REPA: ReDi's SiT names its one REPA head `projector` (zelaki/ReDi models.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+class RefReDiSiT(RefSiT):
+    """ReDi's SiT with `repa_loss=True`: the attribute layout of zelaki/ReDi's models.py, where the REPA head is one
+    `self.projector = build_mlp(hidden, projector_dim, z_dim)` (Linear, SiLU, Linear, SiLU, Linear) applied to the
+    tokens after block `repa_layer`, flattened to (N*T, D) and back. Written for this test on RefSiT's pieces."""
+
+    def __init__(self, *args, z_dim=24, projector_dim=32, repa_layer=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        dim = self.pos_embed.shape[-1]
+        self.repa_layer = repa_layer
+        self.projector = nn.Sequential(nn.Linear(dim, projector_dim), nn.SiLU(),
+                                       nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                                       nn.Linear(projector_dim, z_dim))
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)
+        n, tokens, dim = h.shape
+        zs = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if i + 1 == self.repa_layer:
+                zs = self.projector(h.reshape(-1, dim)).reshape(n, tokens, -1)
+        out = self.final_layer(h, c)
+        B, p, g = x.shape[0], self.patch, x.shape[-1] // self.patch
+        out = out.view(B, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(B, self.out_channels, g * p, g * p), zs
+
+
+def _redi_repa_reference(repa_layer=2):
+    """ReDi+REPA on 4 latent + 2 feature channels (learn_sigma=False, as train_redi.py builds it)."""
+    ref = RefReDiSiT(8, 2, 6, 64, 2, 2, 10, learn_sigma=False, z_dim=24, projector_dim=32, repa_layer=repa_layer)
+    return randomize_(ref).eval()
+
+
+def _redi_inputs():
+    x, t, y = inputs()
+    return torch.randn(x.shape[0], 6, 8, 8, generator=torch.Generator().manual_seed(5)), t, y
+
+
+@pytest.mark.parametrize("repa_layer", [1, 2])
+def test_redi_repa_state_dict_loads_with_its_projector(repa_layer):
+    ref = _redi_repa_reference(repa_layer)
+    assert any(k.startswith("projector.") for k in ref.state_dict())
+    ours = create_model("SiT-Micro/2", input_size=8, in_channels=6, num_classes=10, projector_dims=[24],
+                        projector_hidden_size=32, encoder_depth=repa_layer).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, y = _redi_inputs()
+    with torch.no_grad():
+        expected, expected_z = ref(x, t, y)
+        got, zs = ours.forward_with_projections(x, t, y)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(zs[0], expected_z, atol=ATOL, rtol=0)
+
+
+def test_redi_repa_state_dict_without_projectors_explains_or_drops_them():
+    ref = _redi_repa_reference()
+    ours = create_model("SiT-Micro/2", input_size=8, in_channels=6, num_classes=10).eval()
+    with pytest.raises(ValueError) as info:
+        ours.load_state_dict(ref.state_dict(), strict=True)
+    assert "projector_dims=[24], projector_hidden_size=32" in str(info.value) and "--repa-layer" in str(info.value)
+    result = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert result.missing_keys == [] and sorted(result.unexpected_keys) == sorted(
+        "projectors.0." + k[len("projector."):] for k in ref.state_dict() if k.startswith("projector."))
+    x, t, y = _redi_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), ref(x, t, y)[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["projector", "projectors"])
+def test_sample_cli_loads_redi_and_repa_checkpoints_with_their_heads(tmp_path, head):
+    """Both namings load through sample.py's loader (the head is dropped: it only serves a training loss)."""
+    import argparse
+
+    from coredi_fast.sampling import build_parser, load_sampling_model
+
+    if head == "projector":
+        ref = _redi_repa_reference()
+    else:
+        ref = randomize_(RefSiT(8, 2, 6, 64, 2, 2, 10, learn_sigma=False, z_dims=(24,), projector_dim=32)).eval()
+    path = tmp_path / "0400000.pt"
+    weights = ref.state_dict()
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": argparse.Namespace(repa_loss=True)}, path)
+    args = build_parser().parse_args(["--ckpt", str(path), "--model", "SiT-Micro/2", "--image-size", "64",
+                                      "--num-classes", "10"])
+    model, spec = load_sampling_model(args)
+    assert spec.feature_channels == 2 and spec.image_size == 8
+    x, t, y = _redi_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), ref(x, t, y)[0], atol=ATOL, rtol=0)

@@ -13,7 +13,7 @@ from .common import gated_residual, modulate
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, timestep_embedding
 from .jit import (JIT_MODEL_CONFIGS, JiT, JiTBlock, convert_jit_state_dict, create_jit_model, pack_inputs,
                   patchify_images, unpack_outputs, unpatchify_images)
-from .sit import MODEL_CONFIGS, FinalLayer, SiT, SiTBlock
+from .sit import MODEL_CONFIGS, FinalLayer, SiT, SiTBlock, convert_redi_state_dict
 from .zoo import create_model, list_models, model_family
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "JIT_MODEL_CONFIGS", "JiT", "JiTBlock", "convert_jit_state_dict", "create_jit_model", "pack_inputs",
     "patchify_images", "unpack_outputs", "unpatchify_images",
     "MODEL_CONFIGS", "FinalLayer", "SiT", "SiTBlock", "create_model", "gated_residual", "list_models", "modulate",
-    "model_family",
+    "model_family", "convert_redi_state_dict",
 ]

@@ -9,7 +9,8 @@ code, so their `model` / `ema` state dicts load here with `strict=True` and give
     pos_embed                      (1, T, D), frozen 2D sin-cos         in the state dict, like the public code
     blocks.N.{norm1,attn,norm2,mlp,adaLN_modulation.1}                  transformer blocks
     final_layer.{norm_final,linear,adaLN_modulation.1}
-    projectors.K.{0,2,4}           only with `projector_dims` (REPA's alignment-loss MLPs)
+    projectors.K.{0,2,4}           only with `projector_dims` (REPA's alignment-loss MLPs); ReDi's single REPA head
+                                   `projector.{0,2,4}` (ReDi+REPA, `--repa-loss True`) is read as `projectors.0.*`
 
 Timesteps are passed to the sinusoidal embedding as given: SiT/ReDi/REPA models use t in [0, 1] (t = 1 is data),
 DiT checkpoints were trained with integer steps 0..999 (pass those for DiT weights).
@@ -277,13 +278,28 @@ class SiT(nn.Module):
         return prediction, zs
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """`nn.Module.load_state_dict`, plus a clear error when a REPA checkpoint's `projectors.*` weights meet a
-        model built without them (strict): build with `projector_dims` to keep them, or pass strict=False."""
+        """`nn.Module.load_state_dict`, plus: ReDi's `projector.*` keys are read as REPA's `projectors.0.*`
+        (`convert_redi_state_dict`), and a clear error when REPA/ReDi projector weights meet a model built without
+        them (strict): build with `projector_dims` to keep them, or pass strict=False."""
+        state_dict = convert_redi_state_dict(state_dict)
         if strict and not hasattr(self, "projectors"):
             extra = sorted(k for k in state_dict if k.startswith("projectors."))
             if extra:
                 raise ValueError(_projector_advice(state_dict, extra))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def convert_redi_state_dict(state_dict: dict) -> dict:
+    """ReDi's SiT (zelaki/ReDi models.py, `repa_loss=True`) names its one REPA head `projector` (an
+    nn.Sequential Linear-SiLU-Linear-SiLU-Linear, `build_mlp(hidden, 2048, 768)`, applied after block
+    `repa_layer`); REPA and this package keep a list, `projectors`. Returns the state dict with `projector.*` renamed
+    to `projectors.0.*` (the same tensors); a state dict without `projector.*` keys is returned as it is."""
+    if not any(key.startswith("projector.") for key in state_dict):
+        return state_dict
+    if any(key.startswith("projectors.") for key in state_dict):
+        raise ValueError("state_dict has both ReDi's `projector.*` and REPA's `projectors.*` keys; expected one")
+    return {"projectors.0." + key[len("projector."):] if key.startswith("projector.") else key: value
+            for key, value in state_dict.items()}
 
 
 def _projector_advice(state_dict, extra_keys) -> str:
@@ -297,9 +313,10 @@ def _projector_advice(state_dict, extra_keys) -> str:
     shown = ", ".join(extra_keys[:6]) + (", ..." if len(extra_keys) > 6 else "")
     build = f"projector_dims={dims}, projector_hidden_size={width}, " if dims else "projector_dims=[...], "
     return (
-        f"state_dict has {len(extra_keys)} REPA projector weights that this model lacks ({shown}). They serve only "
-        f"REPA's alignment loss. To keep them, build the model with {build}encoder_depth=<REPA's --encoder-depth, "
-        f"8 by default>; to ignore them, call load_state_dict(state_dict, strict=False)."
+        f"state_dict has {len(extra_keys)} REPA projector weights that this model lacks ({shown}; ReDi's "
+        f"`projector.*` are read as `projectors.0.*`). They serve only REPA's alignment loss. To keep them, build "
+        f"the model with {build}encoder_depth=<REPA's --encoder-depth or ReDi's --repa-layer, 8 by default>; to "
+        f"ignore them, call load_state_dict(state_dict, strict=False)."
     )
 
 
