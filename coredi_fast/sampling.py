@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .transport import GUIDANCE_TARGETS, ODE_METHODS, PREDICTIONS, make_model_fn, sample_ode
+from .sampling_recipes import apply_recipe
+from .transport import GUIDANCE_TARGETS, INTERVAL_RULES, ODE_METHODS, PREDICTIONS, make_model_fn, sample_ode
 
 # `coredi_fast.training` (the loop) imports this module, so this module imports from it only inside functions.
 
@@ -253,7 +254,7 @@ def generate_batches(model: nn.Module, labels: torch.Tensor, *, image_channels: 
                      prediction: str = "velocity", batch_size: int = 64,
                      generator: Optional[torch.Generator] = None, seeds: Optional[torch.Tensor] = None,
                      device=None, autocast_dtype: Optional[torch.dtype] = None,
-                     progress: bool = False) -> Iterator[GeneratedBatch]:
+                     progress: bool = False, guidance_interval_rule: str = "closed") -> Iterator[GeneratedBatch]:
     """`generate`, one batch at a time (for callers that decode or save as they go). Same arguments."""
     _check_request(model, labels, image_channels, feature_channels, image_size, sampler, method, steps, cfg_scale,
                    guidance_on, rg_scale, prediction, batch_size, seeds, generator)
@@ -278,7 +279,8 @@ def generate_batches(model: nn.Module, labels: torch.Tensor, *, image_channels: 
             noise = streams.draw(shape, device)
             model_fn = make_model_fn(network, y, cfg_scale=cfg_scale, guidance_on=guidance_on,
                                      guidance_interval=guidance_interval, rg_scale=rg_scale,
-                                     image_channels=image_channels, null_class=null_class, prediction=prediction)
+                                     image_channels=image_channels, null_class=null_class, prediction=prediction,
+                                     guidance_interval_rule=guidance_interval_rule)
             if sampler == "ode":
                 # JiT takes the last Heun interval with Euler so an x-prediction net is never asked about t = 1.
                 x = sample_ode(model_fn, noise, steps, method, heun_last_step_euler=prediction == "x")
@@ -295,7 +297,7 @@ def generate(model: nn.Module, labels: torch.Tensor, *, image_channels: int, fea
              guidance_interval: Optional[Tuple[float, float]] = None, rg_scale: Optional[float] = None,
              prediction: str = "velocity", batch_size: int = 64, generator: Optional[torch.Generator] = None,
              seeds: Optional[torch.Tensor] = None, device=None, autocast_dtype: Optional[torch.dtype] = None,
-             progress: bool = False, return_features: bool = False):
+             progress: bool = False, return_features: bool = False, guidance_interval_rule: str = "closed"):
     """Sample N images of the given classes, in model space (latents, or pixels in [-1, 1]).
 
     Args:
@@ -308,6 +310,7 @@ def generate(model: nn.Module, labels: torch.Tensor, *, image_channels: int, fea
         sampler: "sde" (SiT's Euler-Maruyama, `steps` evaluations) or "ode" with method "euler" | "heun".
         cfg_scale, guidance_on, guidance_interval: classifier-free guidance (image channels only, or "all");
             the null class is the model's num_classes (it must have one: class_dropout_prob > 0).
+        guidance_interval_rule: "closed" (low <= t <= high) or "jit" (JiT's low < t < high); see `cfg_model_fn`.
         rg_scale: Representation Guidance scale (models trained with feature dropout); not with cfg_scale != 1.
         prediction: "velocity" (SiT) or "x" (JiT; converted to velocity after guidance).
         batch_size: samples per model call (twice that with guidance).
@@ -328,7 +331,7 @@ def generate(model: nn.Module, labels: torch.Tensor, *, image_channels: int, fea
                                   cfg_scale=cfg_scale, guidance_on=guidance_on, guidance_interval=guidance_interval,
                                   rg_scale=rg_scale, prediction=prediction, batch_size=batch_size,
                                   generator=generator, seeds=seeds, device=device, autocast_dtype=autocast_dtype,
-                                  progress=progress):
+                                  progress=progress, guidance_interval_rule=guidance_interval_rule):
         images.append(batch.images)
         features.append(batch.features)
     if not images:
@@ -387,6 +390,8 @@ class SamplingSpec(NamedTuple):
     prediction: str
     weights: str = "ema"     # which weights were loaded: "ema" | "model"
     pixel_patch: int = 1     # JiT: model space is patchified pixels (C·p² channels on the token grid)
+    family: str = "sit"      # "sit" | "jit": whose sampling recipe gives the defaults (`sampling_recipes.py`)
+    family_source: str = ""  # what the family was read from, e.g. "the checkpoint's model JiT-B/16" (printed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,15 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sample i's noise depends only on (seed, i)")
     g.add_argument("--grid-images", type=int, default=64, help="how many samples samples.png shows")
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=SAMPLERS, default="sde", help="SiT's SDE (Euler-Maruyama) or the ODE")
-    g.add_argument("--method", choices=ODE_METHODS, default="heun", help="ODE integrator (ignored by the SDE)")
-    g.add_argument("--steps", type=int, default=250)
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="SiT's SDE (Euler-Maruyama) or the ODE (default: the checkpoint's recipe: SiT/ReDi sde, "
+                        "JiT ode)")
+    g.add_argument("--method", choices=ODE_METHODS, default=None,
+                   help="ODE integrator, ignored by the SDE (default: heun)")
+    g.add_argument("--steps", type=int, default=None, help="default: the checkpoint's recipe (SiT/ReDi 250, JiT 50)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     g.add_argument("--guidance-on", choices=GUIDANCE_TARGETS, default="image",
                    help="guide the image channels only (ReDi's recommendation) or all channels")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="apply CFG only for LOW <= t <= HIGH, in SiT's time (t = 0 noise, 1 data); REPA's "
-                        "--guidance-high 0.7 (its t = 1 is noise) is --guidance-interval 0.3 1")
+                   help="apply CFG only for t in [LOW, HIGH], in SiT's time (t = 0 noise, 1 data); REPA's "
+                        "--guidance-high 0.7 (its t = 1 is noise) is --guidance-interval 0.3 1 (default: the "
+                        "checkpoint's recipe: SiT/ReDi none, JiT 0.1 1)")
+    g.add_argument("--guidance-interval-rule", choices=INTERVAL_RULES, default=None,
+                   help="closed: LOW <= t <= HIGH (REPA); jit: LOW < t < HIGH, no lower bound at LOW = 0 (JiT) "
+                        "(default: the checkpoint's recipe)")
     g.add_argument("--rg-scale", type=float, default=None, help="Representation Guidance scale (ReDi)")
     g.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="network output (default: the checkpoint's config, else velocity)")
@@ -469,7 +481,8 @@ def _spec_from_config(config: dict, model_config: dict, args) -> SamplingSpec:
                                         f"{image_channels}-channel {image_size}px images")
         return SamplingSpec(image_channels * p * p, feature_channels, image_size // p,
                             int(model_config["num_classes"]), latent, cfg.vae.weights, cfg.vae.scale,
-                            args.prediction or cfg.method.prediction, pixel_patch=p)
+                            args.prediction or cfg.method.prediction, pixel_patch=p, family="jit",
+                            family_source=f"the checkpoint's model {model_config['name']}")
     if model_config.get("in_channels") != image_channels + feature_channels:
         raise SamplingArgumentError(
             f"--ckpt: model_config has in_channels={model_config.get('in_channels')} but the config implies "
@@ -486,7 +499,8 @@ def _spec_from_config(config: dict, model_config: dict, args) -> SamplingSpec:
         if value is not None and value != stored:
             raise SamplingArgumentError(f"{flag}={value} contradicts the checkpoint, whose config says {stored}")
     return SamplingSpec(image_channels, feature_channels, image_size, int(model_config["num_classes"]), latent,
-                        cfg.vae.weights, cfg.vae.scale, args.prediction or cfg.method.prediction)
+                        cfg.vae.weights, cfg.vae.scale, args.prediction or cfg.method.prediction,
+                        family_source=f"the checkpoint's model {model_config.get('name')}")
 
 
 def _public_model_config(state_dict: dict, args) -> Tuple[dict, SamplingSpec]:
@@ -544,7 +558,7 @@ def _public_model_config(state_dict: dict, args) -> Tuple[dict, SamplingSpec]:
                         learn_sigma=learn_sigma, class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0,
                         qk_norm=qk_norm)
     spec = SamplingSpec(LATENT_CHANNELS, feature_channels, latent_size, num_classes, True, "hub", SD_VAE_SCALE,
-                        args.prediction or "velocity")
+                        args.prediction or "velocity", family_source=f"--model {args.model}")
     return model_config, spec
 
 
@@ -684,6 +698,9 @@ def _run(args) -> Path:
 def _sample_and_save(args, dist_info: _Distributed) -> Path:
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     model, spec = load_sampling_model(args)
+    settings = apply_recipe(args, spec.family, spec.family_source)
+    if rank == 0:
+        print("sampler settings: " + "; ".join(settings), flush=True)
     _check_args(args, model, spec)
     vae = None
     if spec.latent:  # loaded before sampling, so a missing VAE fails before hours of work
@@ -710,6 +727,7 @@ def _sample_and_save(args, dist_info: _Distributed) -> Path:
                                   sampler=args.sampler, method=args.method, steps=args.steps,
                                   cfg_scale=args.cfg_scale, guidance_on=args.guidance_on,
                                   guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+                                  guidance_interval_rule=args.guidance_interval_rule,
                                   rg_scale=args.rg_scale, prediction=spec.prediction, batch_size=args.batch_size,
                                   seeds=seeds, device=device, autocast_dtype=autocast, progress=rank == 0):
         pixels.append(to_rgb_nhwc(decode_to_uint8(batch.images, vae, spec.pixel_patch)))

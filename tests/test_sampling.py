@@ -346,3 +346,64 @@ def test_two_ranks_write_the_same_samples_as_one(digits_checkpoint, tmp_path):
         # Sample i's noise depends only on (seed, i), so the rank-strided split changes nothing.
         assert np.array_equal(a["arr_0"], b["arr_0"])
     assert not (tmp_path / "two" / "parts").exists()
+
+
+# ============================================================================================= recipes
+
+def test_recipe_fills_what_the_flags_leave_and_says_where_each_came_from():
+    from coredi_fast.sampling import build_parser
+    from coredi_fast.sampling_recipes import apply_recipe
+
+    args = build_parser().parse_args(["--ckpt", "x.pt"])
+    lines = apply_recipe(args, "jit", "the checkpoint's model JiT-B/16")
+    # LTH14/JiT main_jit.py: --sampling_method heun, --num_sampling_steps 50; README: --interval_min 0.1 --max 1.0
+    assert (args.sampler, args.method, args.steps) == ("ode", "heun", 50)
+    assert tuple(args.guidance_interval) == (0.1, 1.0) and args.guidance_interval_rule == "jit"
+    assert "steps=50 (JiT recipe: the checkpoint's model JiT-B/16)" in lines
+    args = build_parser().parse_args(["--ckpt", "x.pt", "--steps", "7", "--guidance-interval", "0.2", "0.9"])
+    lines = apply_recipe(args, "sit", "--model SiT-XL/2")
+    assert (args.sampler, args.steps, args.guidance_interval_rule) == ("sde", 7, "closed")   # SiT: SDE, 250
+    assert "steps=7 (--steps)" in lines and "guidance_interval=0.2 0.9 (--guidance-interval)" in lines
+    assert "sampler=sde (SiT recipe: --model SiT-XL/2)" in lines
+
+
+def test_jits_interval_rule_leaves_its_grid_point_on_the_bound_unguided():
+    """JiT's _forward_sample guides where t < high and (low == 0 or t > low): with its 50-step grid, t = 0.1 (k = 5)
+    is not guided; the closed rule guides it."""
+    from coredi_fast.transport import cfg_model_fn
+
+    def network(x, t, y):
+        return x + y.to(x.dtype).view(-1, 1, 1, 1)       # conditional 1 + x, unconditional NUM_CLASSES + x
+
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    y = torch.ones(4, dtype=torch.long)
+    w = 3.0
+    guided = 1 + (w - 1) * (1 - NUM_CLASSES)             # v_u + w (v_c - v_u) at x = 0
+    jit = cfg_model_fn(network, y, w, NUM_CLASSES, 1, interval=(0.1, 1.0), interval_rule="jit")(x, t)
+    closed = cfg_model_fn(network, y, w, NUM_CLASSES, 1, interval=(0.1, 1.0))(x, t)
+    jit_mask = [(tk < 1.0) and (tk > 0.1) for tk in t.tolist()]          # JiT's rule, written out
+    assert [float(v) for v in jit[:, 0, 0, 0]] == [guided if m else 1.0 for m in jit_mask] == [1.0, 1.0, guided, 1.0]
+    assert [float(v) for v in closed[:, 0, 0, 0]] == [1.0, guided, guided, guided]
+    from_zero = cfg_model_fn(network, y, w, NUM_CLASSES, 1, interval=(0.0, 1.0), interval_rule="jit")(x, t)
+    assert [float(v) for v in from_zero[:, 0, 0, 0]] == [guided, guided, guided, 1.0]   # low = 0: no lower bound
+
+
+def test_cli_samples_a_jit_checkpoint_with_jits_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                          # the default output folder is samples/<name> in the cwd
+    config = TrainConfig().to_dict()
+    config["model"]["name"] = "JiT-Micro/2"
+    config["method"]["prediction"] = "x"
+    image_channels, feature_channels = config["data"]["channels"], config["method"]["projector"]["dim"]
+    model = create_model("JiT-Micro/2", input_size=config["data"]["image_size"], in_channels=image_channels,
+                         feature_channels=feature_channels, num_classes=10)
+    weights = _randomize(model, 4)
+    path = save_checkpoint(tmp_path / "run", 3, {"model": weights, "ema": weights, "config": config,
+                                                 "model_config": model.config})
+    out = main(["--ckpt", str(path), "--num-samples", "2", "--labels", "1,2", "--cfg-scale", "2.0"])
+    printed = capsys.readouterr().out
+    assert "sampler=ode (JiT recipe: the checkpoint's model JiT-Micro/2)" in printed
+    assert "steps=50 (JiT recipe" in printed and "guidance_interval=0.1 1 (JiT recipe" in printed
+    assert out.name.startswith(f"{path.stem}-ode-heun50-cfg2")
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (2, 16, 16, 3)

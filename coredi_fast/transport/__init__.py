@@ -9,7 +9,8 @@ predicts the velocity u = x1 - x0 (x-prediction models are converted with `veloc
     samplers.py    sample_ode (Euler, Heun), sample_sde (SiT's Euler-Maruyama + "Mean" last step)
     guidance.py    classifier-free guidance (image-only or all channels, interval), Representation Guidance
 """
-from .guidance import GUIDANCE_TARGETS, PREDICTIONS, cfg_model_fn, make_model_fn, representation_guidance_model_fn
+from .guidance import (GUIDANCE_TARGETS, INTERVAL_RULES, PREDICTIONS, cfg_model_fn, make_model_fn,
+                       representation_guidance_model_fn)
 from .losses import joint_velocity_loss
 from .path import (expand_t_like_x, interpolate, score_from_velocity, velocity_from_x_prediction, velocity_target,
                    x0_from_velocity, x1_from_velocity)
@@ -17,7 +18,8 @@ from .samplers import ODE_METHODS, sample_ode, sample_sde
 from .timesteps import TIME_DISTRIBUTIONS, sample_time
 
 __all__ = [
-    "GUIDANCE_TARGETS", "PREDICTIONS", "cfg_model_fn", "make_model_fn", "representation_guidance_model_fn",
+    "GUIDANCE_TARGETS", "INTERVAL_RULES", "PREDICTIONS", "cfg_model_fn", "make_model_fn",
+    "representation_guidance_model_fn",
     "joint_velocity_loss",
     "expand_t_like_x", "interpolate", "score_from_velocity", "velocity_from_x_prediction", "velocity_target",
     "x0_from_velocity", "x1_from_velocity",

@@ -26,6 +26,7 @@ from .path import velocity_from_x_prediction
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GUIDANCE_TARGETS = ("image", "all")
 PREDICTIONS = ("velocity", "x")
+INTERVAL_RULES = ("closed", "jit")
 
 
 def _check_channels(image_channels: int) -> None:
@@ -38,11 +39,22 @@ def _check_labels(y: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"y has {y.shape[0]} labels but x has batch size {x.shape[0]}")
 
 
-def _check_interval(interval: Optional[Tuple[float, float]]) -> None:
+def _check_interval(interval: Optional[Tuple[float, float]], rule: str = "closed") -> None:
+    if rule not in INTERVAL_RULES:
+        raise ValueError(f"interval_rule must be one of {INTERVAL_RULES}, got {rule!r}")
     if interval is None:
         return
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ValueError(f"interval must be (low, high) with 0 <= low <= high <= 1, got {interval!r}")
+
+
+def _inside(t: torch.Tensor, interval: Tuple[float, float], rule: str) -> torch.Tensor:
+    """(B,) bool: which times get guidance. "closed": low <= t <= high (REPA's rule, in SiT's time). "jit": JiT's
+    `_forward_sample`, t < high and t > low, where low = 0 means no lower bound."""
+    low, high = interval
+    if rule == "jit":
+        return (t < high) & ((t > low) if low > 0 else torch.ones_like(t, dtype=torch.bool))
+    return (t >= low) & (t <= high)
 
 
 def _blend(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, image_channels: Optional[int]) -> torch.Tensor:
@@ -54,7 +66,8 @@ def _blend(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, image_cha
 
 
 def cfg_model_fn(model: Callable, y: torch.Tensor, scale: float, null_class: int, image_channels: int,
-                 apply_to: str = "image", interval: Optional[Tuple[float, float]] = None) -> ModelFn:
+                 apply_to: str = "image", interval: Optional[Tuple[float, float]] = None,
+                 interval_rule: str = "closed") -> ModelFn:
     """Classifier-free guidance as a model_fn(x (B, C, ...), t (B,)) -> (B, C, ...).
 
     Args:
@@ -65,15 +78,17 @@ def cfg_model_fn(model: Callable, y: torch.Tensor, scale: float, null_class: int
         image_channels: number of leading image channels.
         apply_to: "image" guides only the image channels (the features keep the conditional prediction, as ReDi's
             `forward_with_cfg_vae`); "all" guides every channel (ReDi's `forward_with_cfg`).
-        interval: optional (low, high); guidance applies to the samples with low <= t <= high and the others get
-            the conditional prediction. (JiT uses the open interval low < t < high, except low = 0 is closed; the
-            two differ only at grid points that fall exactly on a bound.) When no sample of the batch is inside,
-            the unconditional pass is skipped (that test costs one host sync per step on a GPU).
+        interval: optional (low, high); guidance applies to the samples whose t is inside and the others get the
+            conditional prediction. When no sample of the batch is inside, the unconditional pass is skipped (that
+            test costs one host sync per step on a GPU).
+        interval_rule: "closed" (low <= t <= high, as REPA) or "jit" (JiT: low < t < high, no lower bound when
+            low = 0). They differ at grid times that fall on a bound: JiT's 50-step Heun grid has t = 0.1, which
+            JiT's recipe interval (0.1, 1) leaves unguided.
     """
     _check_channels(image_channels)
     if apply_to not in GUIDANCE_TARGETS:
         raise ValueError(f"apply_to must be one of {GUIDANCE_TARGETS}, got {apply_to!r}")
-    _check_interval(interval)
+    _check_interval(interval, interval_rule)
     guided_channels = image_channels if apply_to == "image" else None
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +96,7 @@ def cfg_model_fn(model: Callable, y: torch.Tensor, scale: float, null_class: int
         if scale == 1.0:
             return model(x, t, y)
         if interval is not None:
-            inside = (t >= interval[0]) & (t <= interval[1])
+            inside = _inside(t, interval, interval_rule)
             if not bool(inside.any()):
                 return model(x, t, y)
         y_null = torch.full_like(y, null_class)
@@ -122,13 +137,13 @@ def representation_guidance_model_fn(model: Callable, y: torch.Tensor, scale: fl
 def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guidance_on: str = "image",
                   guidance_interval: Optional[Tuple[float, float]] = None, rg_scale: Optional[float] = None,
                   image_channels: int = 4, null_class: Optional[int] = None, prediction: str = "velocity",
-                  x_pred_clamp: float = 0.05) -> ModelFn:
+                  x_pred_clamp: float = 0.05, guidance_interval_rule: str = "closed") -> ModelFn:
     """The model_fn used by the sampling CLI: plain conditional, CFG, or RG; velocity or x-prediction networks.
 
     Args:
         model, y: the network model(x, t, y) and the (B,) labels.
-        cfg_scale, guidance_on, guidance_interval, null_class: classifier-free guidance (see `cfg_model_fn`);
-            null_class is required when cfg_scale != 1.
+        cfg_scale, guidance_on, guidance_interval, guidance_interval_rule, null_class: classifier-free guidance
+            (see `cfg_model_fn`); null_class is required when cfg_scale != 1.
         rg_scale: Representation Guidance scale (None or 1: off).
         image_channels: number of leading image channels (4 for SD-VAE latents, 3 for pixels).
         prediction: "velocity" (SiT) or "x" (JiT: each branch's output is converted with
@@ -141,7 +156,7 @@ def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guid
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if guidance_on not in GUIDANCE_TARGETS:
         raise ValueError(f"guidance_on must be one of {GUIDANCE_TARGETS}, got {guidance_on!r}")
-    _check_interval(guidance_interval)
+    _check_interval(guidance_interval, guidance_interval_rule)
     _check_channels(image_channels)
     if prediction == "x":
         if not x_pred_clamp > 0:
@@ -156,7 +171,7 @@ def make_model_fn(model: Callable, y: torch.Tensor, cfg_scale: float = 1.0, guid
         if null_class is None:
             raise ValueError(f"null_class is required for classifier-free guidance (cfg_scale={cfg_scale})")
         fn = cfg_model_fn(model, y, cfg_scale, null_class, image_channels, apply_to=guidance_on,
-                          interval=guidance_interval)
+                          interval=guidance_interval, interval_rule=guidance_interval_rule)
     elif use_rg:
         fn = representation_guidance_model_fn(model, y, rg_scale, image_channels)
     else:
