@@ -26,6 +26,8 @@ def test_shipped_jit_config_validates_with_jits_recipe():
     # JiT's lr rule: base lr 5e-5 per 256 images; 5 warm-up epochs of ImageNet's 1281167 training images.
     assert cfg.optim.lr == pytest.approx(5e-5 * cfg.data.global_batch_size / 256)
     assert cfg.optim.warmup_steps == round(5 * 1281167 / cfg.data.global_batch_size)
+    # JiT's main_jit.py: AdamW betas (0.9, 0.95), RandomHorizontalFlip in the training transform, no clipping.
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.data.hflip and cfg.optim.grad_clip == 0.0
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
 
 

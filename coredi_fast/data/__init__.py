@@ -18,6 +18,7 @@ from .batches import decode_image_bytes
 from .center_crop import center_crop_arr
 from .digits import DigitsDataset, digits_images, write_digits_image_folder
 from .encoder_input import IMAGENET_MEAN, IMAGENET_STD, encoder_input
+from .flip import check_hflip, draw_hflip_mask, hflip_where
 from .repa_folder import RepaFolderDataset
 from .sampler import ShardedSampler
 from .shards import Sample, ShardedImageDataset, read_manifest
@@ -27,6 +28,7 @@ __all__ = [
     "Sample", "ShardedImageDataset", "RepaFolderDataset", "DigitsDataset", "ShardedSampler",
     "TorchLoader", "DaliLoader", "build_loader", "decode_image_bytes",
     "center_crop_arr", "encoder_input", "IMAGENET_MEAN", "IMAGENET_STD",
+    "check_hflip", "draw_hflip_mask", "hflip_where",
     "digits_images", "write_digits_image_folder", "read_manifest", "preprocess_folder",
 ]
 

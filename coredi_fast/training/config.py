@@ -31,6 +31,7 @@ class DataConfig:
     global_batch_size: int = 64       # summed over all ranks
     num_workers: int = 0
     loader: str = "auto"              # auto | torch | dali
+    hflip: bool = False               # random horizontal flip per sample (JiT: on; ReDi: off); pixel-space data only
 
 
 @dataclass

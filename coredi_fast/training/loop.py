@@ -2,6 +2,7 @@
 
 Each step:
     batch   = next(loader)                                   this rank's slice of the global batch
+    images  = mirrored per sample with data.hflip            coins for the global batch, see data/flip.py
     x       = VAE latent sampled from the stored moments, or pixels in [-1, 1]
     f       = encoder(images)                                frozen, no_grad (bf16 on GPU, as the paper runs it)
     noise   = draws for the *global* batch from a generator seeded by (seed, step), sliced to this rank
@@ -23,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..data.flip import check_hflip, draw_hflip_mask, hflip_where
 from ..optim import ema_view, resolve_fused_ema
 from ..profiling import ProfilerWindow, annotate_module, nvtx_range
 from .cache_source import stale_cache_reason, write_cache_source
@@ -75,6 +77,7 @@ class Trainer:
         from ..data import build_loader
 
         self.dataset = build_dataset(cfg)
+        check_hflip(cfg.data.hflip, self.dataset.has_moments, cfg.data.path)
         self.image_channels, self.image_size = image_stream_shape(self.dataset, cfg)
         self.pixel_patch = pixel_patch(cfg)
         self.latent_space = bool(self.dataset.has_moments)
@@ -173,7 +176,12 @@ class Trainer:
         loader = build_loader(self.dataset, global_batch_size=cfg.data.global_batch_size, rank=self.dist.rank,
                               world_size=self.dist.world_size, seed=cfg.run.seed + 7919,
                               num_workers=cfg.data.num_workers, device=self.device, backend=cfg.data.loader)
-        stats = compute_feature_statistics(self.encoder, loader, self.encoder.embed_dim,
+        batches = loader
+        if cfg.data.hflip:  # the statistics of the features training sees: of flipped images too
+            batches = (dict(batch, image=self._hflip(batch["image"].to(self.device),
+                                                     _step_generator(cfg.run.seed + 7919, i, self.device)))
+                       for i, batch in enumerate(loader))
+        stats = compute_feature_statistics(self.encoder, batches, self.encoder.embed_dim,
                                            min(cfg.encoder.statistics_batches, loader.steps_per_epoch))
         loader.close()
         stats = merge_statistics(stats)
@@ -190,8 +198,8 @@ class Trainer:
         return {"data.source": cfg.data.source, "data.path": data_path, "data.image_size": cfg.data.image_size,
                 "data.channels": cfg.data.channels, "samples": len(self.dataset), "encoder.name": cfg.encoder.name,
                 "encoder.weights": cfg.encoder.weights, "encoder.resolution": cfg.encoder.resolution,
-                "encoder.statistics_batches": cfg.encoder.statistics_batches,
-                "data.global_batch_size": cfg.data.global_batch_size}
+                "encoder.dtype": cfg.encoder.dtype, "encoder.statistics_batches": cfg.encoder.statistics_batches,
+                "data.global_batch_size": cfg.data.global_batch_size, "data.hflip": cfg.data.hflip}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -298,11 +306,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _hflip(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """This rank's images (b, C, H, W) with data.hflip's per-sample flips: one coin per sample of the global batch
+        from `gen` (so the flips do not depend on the number of processes), this rank's slice applied."""
+        start, stop = _rank_slice(self.dist, self.cfg.data.global_batch_size)
+        return hflip_where(images, draw_hflip_mask(self.cfg.data.global_batch_size, gen, self.device)[start:stop])
+
     def _batch_inputs(self, batch: dict, gen: torch.Generator):
-        """(x, features, y) for this rank; the posterior noise is drawn for the global batch and sliced."""
+        """(x, features, y) for this rank; the flips and the posterior noise are drawn for the global batch and
+        sliced."""
         cfg = self.cfg
         start, stop = _rank_slice(self.dist, cfg.data.global_batch_size)
         images = batch["image"].to(self.device, non_blocking=True)
+        if cfg.data.hflip:  # first: the denoiser's pixels and the encoder's input are the same flipped images
+            images = self._hflip(images, gen)
         if self.latent_space:
             from ..encoders.vae import sample_posterior
 

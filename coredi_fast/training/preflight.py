@@ -45,6 +45,9 @@ def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
         dataset = build_dataset(cfg)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
+    from ..data.flip import check_hflip
+
+    check_hflip(cfg.data.hflip, dataset.has_moments, cfg.data.path)
     if cfg.data.source != "digits" and dataset.image_size != cfg.data.image_size:
         raise ValueError(f"data.image_size={cfg.data.image_size} but {cfg.data.path} holds "
                          f"{dataset.image_size}-px images: set data.image_size={dataset.image_size}")
