@@ -27,7 +27,7 @@ from coredi_fast.evaluation.features import (FolderImages, ImageSourceError, Npz
 from coredi_fast.evaluation.inception import (DEFAULT_SHA1, FeatureNetwork, InceptionLoadError, InceptionNotFoundError,
                                               default_inception_path, load_feature_network, resize_like_tf,
                                               to_inception_input)
-from coredi_fast.evaluation.metrics import inception_score, precision_recall
+from coredi_fast.evaluation.metrics import frechet_distance, inception_score, precision_recall
 from coredi_fast.evaluation.reference import ReferenceFileError, load_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -627,3 +627,32 @@ def test_real_inception_features_separate_photos_from_noise():
     # 4 vs 4 images: the FIDs are mostly small-sample bias (hundreds), but photo crops still sit nearer each other.
     assert _fid_by_nuclear_norm(a, b) < _fid_by_nuclear_norm(a, n)
     assert np.sum((a.mean(0) - b.mean(0)) ** 2) < 0.5 * np.sum((a.mean(0) - n.mean(0)) ** 2)
+
+
+def test_a_negative_fid_is_reported_as_zero_with_the_raw_value_kept(batches, networks, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Rounding can leave a tiny set's Fréchet distance below 0: the table and "metrics" say 0, a note says why,
+    "raw_metrics" keeps the computed value."""
+    from coredi_fast.evaluation.metrics import clamp_distance
+
+    assert clamp_distance("FID", 3.5) == (3.5, None) and clamp_distance("FID", 0.0) == (0.0, None)
+    value, note = clamp_distance("FID", -0.0125)
+    assert value == 0.0 and "-0.0125" in note and "raw_metrics" in note
+
+    computed = {}
+
+    def slightly_negative(mu1, sigma1, mu2, sigma2):
+        computed["fid"] = frechet_distance(mu1, sigma1, mu2, sigma2) - 1e3   # below 0 whatever the real value
+        return computed["fid"]
+
+    monkeypatch.setattr(cli, "frechet_distance", slightly_negative)
+    samples_path, ref_path, _, _ = batches
+    out = tmp_path / "m.json"
+    cli.main([str(samples_path), str(ref_path), "--inception", str(networks["tensor"]), "--device", "cpu",
+              "--no-cache", "--no-progress", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["metrics"]["fid"] == 0.0 and written["raw_metrics"]["fid"] == pytest.approx(computed["fid"])
+    assert computed["fid"] < 0 and any("FID came out as" in n for n in written["notes"])
+    captured = capsys.readouterr()
+    assert "0.0000 (computed" in captured.out and "clamped at 0" in captured.out
+    assert "FID came out as" in captured.err

@@ -11,6 +11,8 @@ files [k·S, (k+1)·S) of that list (fewer samples when some were skipped).
 What is stored (REPA/ReDi's data): the ADM center crop (`center_crop.py`) as lossless PNG (default, as REPA stores
 it) or JPEG (quality 95, 4:4:4 chroma); and, with a VAE, its posterior moments computed from the *stored* pixels
 (for JPEG: the decoded JPEG, which is what training sees). No flips are stored: ReDi trains without augmentation.
+The default VAE is stabilityai/sd-vae-ft-ema; REPA's preprocessing defaults to stabilityai/sd-vae-ft-mse. Only the
+encoder makes the moments, and the two share it (both fine-tuned only the decoder), so either gives the same data.
 
 Reliability:
 * Resumable. The manifest is rewritten (atomically) after each shard and lists the finished ones; a restart with

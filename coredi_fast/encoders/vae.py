@@ -1,7 +1,10 @@
 """Frozen SD-VAE (diffusers `AutoencoderKL`): images ↔ posterior moments ↔ scaled latents.
 
-The REPA/ReDi data pipeline stores, for every 256-px image, the VAE posterior of `stabilityai/sd-vae-ft-ema` as
-"moments" and draws a fresh latent from them at every training step:
+The REPA/ReDi data pipeline stores, for every 256-px image, the posterior of the SD-VAE *encoder* as "moments" and
+draws a fresh latent from them at every training step. REPA's preprocessing loads `stabilityai/sd-vae-ft-mse`; our
+default hub repo is `stabilityai/sd-vae-ft-ema`, whose encoder is the same (both fine-tunes of the original kl-f8
+VAE changed only the decoder, per their model cards), so the moments do not depend on the choice. The decoder does:
+ft-EMA is what SiT/REPA/ReDi's FID sampling scripts decode with (`--vae ema`, their default).
 
     moments = cat([posterior.mean, posterior.std], dim=1)           # REPA preprocessing/encoders.py, (B, 8, 32, 32)
     x = 0.18215 * (mean + std * randn)                              # ReDi/REPA train.py `sample_posterior`
@@ -21,7 +24,7 @@ import torch.nn as nn
 from .weights import HUB, HubWeights, WeightsArg, find_weights_file, load_state_dict_file, load_state_dict_strict, \
     resolve_weights
 
-SD_VAE_REPO = "stabilityai/sd-vae-ft-ema"
+SD_VAE_REPO = "stabilityai/sd-vae-ft-ema"   # encoder = sd-vae-ft-mse's (REPA's preprocessing); ft-EMA decoder
 # stabilityai/sd-vae-ft-ema's config.json (and sd-vae-ft-mse's: same architecture).
 SD_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3, latent_channels=4,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .features import ImageSourceError, extract_features, open_images
 from .inception import (RESIZE_DESCRIPTION, FeatureNetwork, InceptionLoadError, InceptionNotFoundError,
                         load_feature_network)
-from .metrics import frechet_distance, frechet_distance_eigh, inception_score, precision_recall
+from .metrics import clamp_distance, frechet_distance, frechet_distance_eigh, inception_score, precision_recall
 from .reference import GaussianStats, Reference, ReferenceFileError, default_reference_cache_dir, load_reference
 
 IS_SPLIT_SIZE = 5000  # ADM: Inception Score over consecutive chunks of 5000 samples
@@ -71,16 +71,18 @@ def _check_dims(what: str, samples_dim: int, reference: GaussianStats, source: s
 
 def compute_metrics(samples, reference: Reference, network: FeatureNetwork, *, pr_device=None) -> Dict[str, object]:
     """All metrics ADM reports, from sample Features and a Reference. Unavailable ones are None, with the reason in
-    result["unavailable"]. Never substitutes one number for another."""
+    result["unavailable"]. Never substitutes one number for another, except that a negative FID/sFID (rounding, on
+    tiny sets) is reported as 0 with a note in result["notes"]; result["raw_metrics"] keeps the computed values."""
     net_name = Path(network.path).name if network.path else network.name
     values: Dict[str, Optional[float]] = dict.fromkeys(
         ["fid", "sfid", "inception_score", "inception_score_std", "precision", "recall"])
     unavailable: Dict[str, str] = {}
     checks: Dict[str, float] = {}
+    raw: Dict[str, Optional[float]] = {"fid": None, "sfid": None}
 
     mine = GaussianStats.of(samples.pool)
     _check_dims("pool", mine.dim, reference.pool, reference.stats_source, reference.path)
-    values["fid"] = frechet_distance(mine.mu, mine.sigma, reference.pool.mu, reference.pool.sigma)
+    raw["fid"] = frechet_distance(mine.mu, mine.sigma, reference.pool.mu, reference.pool.sigma)
     checks["fid_eigh"] = frechet_distance_eigh(mine.mu, mine.sigma, reference.pool.mu, reference.pool.sigma,
                                                device=pr_device)
 
@@ -91,7 +93,12 @@ def compute_metrics(samples, reference: Reference, network: FeatureNetwork, *, p
     else:
         spatial = GaussianStats.of(samples.spatial)
         _check_dims("spatial", spatial.dim, reference.spatial, reference.spatial_source, reference.path)
-        values["sfid"] = frechet_distance(spatial.mu, spatial.sigma, reference.spatial.mu, reference.spatial.sigma)
+        raw["sfid"] = frechet_distance(spatial.mu, spatial.sigma, reference.spatial.mu, reference.spatial.sigma)
+    notes = []
+    for key, label in (("fid", "FID"), ("sfid", "sFID")):
+        if raw[key] is not None:
+            values[key], note = clamp_distance(label, raw[key])
+            notes += [note] if note else []
 
     if samples.logits is None:
         unavailable["inception_score"] = (f"the network ({net_name}) has no classifier layer, so there are no "
@@ -108,7 +115,7 @@ def compute_metrics(samples, reference: Reference, network: FeatureNetwork, *, p
     else:
         values["precision"], values["recall"] = precision_recall(reference.pool_features, samples.pool, k=PR_K,
                                                                  device=pr_device)
-    return {"metrics": values, "unavailable": unavailable, "cross_checks": checks}
+    return {"metrics": values, "raw_metrics": raw, "unavailable": unavailable, "cross_checks": checks, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +127,11 @@ def format_table(result: Dict[str, object]) -> str:
     m, missing = result["metrics"], result["unavailable"]
 
     def value(key: str, fmt: str) -> str:
-        return format(m[key], fmt) if m[key] is not None else f"unavailable: {missing.get(key, '')}"
+        if m[key] is None:
+            return f"unavailable: {missing.get(key, '')}"
+        raw = result.get("raw_metrics", {}).get(key)
+        clamped = f" (computed {raw:.6g}, clamped at 0: see the note)" if raw is not None and raw < 0 else ""
+        return format(m[key], fmt) + clamped
 
     is_text = value("inception_score", ".2f")
     if m["inception_score"] is not None:
@@ -210,7 +221,7 @@ def evaluate(args: argparse.Namespace) -> Optional[Dict[str, object]]:
         "protocol": {"preprocessing": RESIZE_DESCRIPTION, "inception_score_split_size": IS_SPLIT_SIZE,
                      "precision_recall_k": PR_K, "sfid_features": "mixed_6/conv[..., :7] flattened HWC (2023-d)",
                      "fid": "scipy.linalg.sqrtm, float64, eps=1e-6 fallback (ADM/pytorch-fid)"},
-        "notes": reference.notes,
+        "notes": reference.notes + result["notes"],
         "seconds": round(time.time() - started, 1),
     })
     return result
@@ -246,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
     _write_json(out, result)
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    fid, fid_eigh = result["metrics"]["fid"], result["cross_checks"]["fid_eigh"]
+    fid, fid_eigh = result["raw_metrics"]["fid"], result["cross_checks"]["fid_eigh"]
     if not math.isclose(fid, fid_eigh, rel_tol=1e-3, abs_tol=1e-3):
         print(f"warning: FID by sqrtm ({fid:.6f}) and by eigh ({fid_eigh:.6f}) disagree; the covariances are badly "
               "conditioned (too few samples?)", file=sys.stderr)

@@ -81,6 +81,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def clamp_distance(name: str, value: float) -> Tuple[float, Optional[str]]:
+    """(max(value, 0), a note when it was negative). A Fréchet distance is >= 0, but on tiny sample sets (fewer
+    samples than feature dimensions) the rounding of the matrix square root can leave it slightly below 0; it is
+    reported as 0 with the note, and the caller keeps the raw value (evaluate.py: "raw_metrics" in its JSON)."""
+    if value >= 0:
+        return value, None
+    return 0.0, (f"{name} came out as {value:.6g} (a Fréchet distance cannot be negative: rounding in the matrix "
+                 f"square root, usually from too few samples) and is reported as 0; raw_metrics keeps the value")
+
+
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
     # scipy >= 1.16 deprecates `disp`, older releases print a warning for ill-conditioned input; ours decides itself.
     with warnings.catch_warnings():
