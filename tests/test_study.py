@@ -11,7 +11,7 @@ from scipy import linalg, stats
 
 from coredi_fast.data import DigitsDataset
 from coredi_fast.evaluation.metrics import frechet_distance
-from coredi_fast.study import VARIANT_NAMES, ClassifierJudge, StudyConfig, get_variants, load_digits_classifier
+from coredi_fast.study import MAIN_VARIANT_NAMES, ClassifierJudge, StudyConfig, get_variants, load_digits_classifier
 from coredi_fast.study.classifier import DEFAULT_WEIGHTS
 from coredi_fast.study.report import mean_std, paired, steps_to_reach, value_at_step
 from coredi_fast.study.runner import load_run, run_one, run_path, study_data
@@ -198,15 +198,16 @@ def test_quick_study_writes_every_variant_and_resumes(tmp_path, capsys):
     from coredi_fast.study.cli import main
 
     out = tmp_path / "study"
-    first = main(["--out", str(out), "--quick"])
+    first = main(["--out", str(out), "--quick", "--groups", "main"])
     log = capsys.readouterr().out
-    assert f"{len(VARIANT_NAMES)} to do" in log
+    assert f"{len(MAIN_VARIANT_NAMES)} to do" in log
 
     payload = json.loads((out / "results.json").read_text())
     summary = payload["summary"]
-    assert summary["variants"] == list(VARIANT_NAMES)
+    assert summary["variants"] == list(MAIN_VARIANT_NAMES)
+    assert payload["groups"] == {}  # only the main group has runs
     markdown = (out / "results.md").read_text()
-    for name in VARIANT_NAMES:
+    for name in MAIN_VARIANT_NAMES:
         run = json.loads(run_path(out, name, 0).read_text())
         row = summary["rows"][name]
         assert row["final"]["fd"][0] == pytest.approx(run["curve"][-1]["fd"])  # one seed: the mean is the run
@@ -216,6 +217,6 @@ def test_quick_study_writes_every_variant_and_resumes(tmp_path, capsys):
     coredi, redi = (json.loads(run_path(out, n, 0).read_text())["curve"][-1]["fd"] for n in ("coredi", "redi"))
     assert summary["comparisons"]["coredi vs redi"]["final_fd"]["mean"] == pytest.approx(coredi - redi)
 
-    second = main(["--out", str(out), "--quick"])  # everything cached: nothing is trained again
-    assert f"{len(VARIANT_NAMES)} cached" in capsys.readouterr().out
+    second = main(["--out", str(out), "--quick", "--groups", "main"])  # everything cached: nothing is trained again
+    assert f"{len(MAIN_VARIANT_NAMES)} cached" in capsys.readouterr().out
     assert second["summary"]["rows"]["coredi"]["final"]["fd"][0] == first["summary"]["rows"]["coredi"]["final"]["fd"][0]

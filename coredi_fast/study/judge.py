@@ -1,16 +1,21 @@
 """Sample quality in the independent classifier's eyes: FD_cls, class accuracy, precision and recall.
 
     judge = ClassifierJudge(reference_images)              # uint8 (N, 1, 16, 16): the real training images
-    scores = judge.evaluate(samples, requested_labels)     # JudgeScores(fd, accuracy, precision, recall)
+    scores = judge.evaluate(samples, requested_labels)     # JudgeScores(fd, accuracy, precision, recall, class_counts)
+    scores = judge.evaluate(samples)                       # unconditional samples: accuracy is NaN
 
 FD_cls is FID with the digits CNN (`classifier.py`) in place of InceptionV3: the Fréchet distance between Gaussians
 fitted to the 64-d penultimate (pre-ReLU) features of the samples and of the reference images (`evaluation.metrics`,
 the same code as FID). Like FID it is biased upward for small sample counts, so runs are only compared at equal
-sample counts. Accuracy is the share of class-conditional samples the classifier reads as the class they were asked for.
-Precision / recall are Kynkäänniemi et al.'s k-NN manifold estimates (k = 3) in the same feature space.
+sample counts. The reference is the whole training set (all classes), for class-balanced conditional samples and for
+unconditional samples alike. Accuracy is the share of class-conditional samples the classifier reads as the class
+they were asked for. Precision / recall are Kynkäänniemi et al.'s k-NN manifold estimates (k = 3) in the same
+feature space. class_counts is how many samples the classifier reads as each class (`spread.py` turns it into
+coverage statistics).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -18,6 +23,7 @@ import torch
 
 from ..evaluation.metrics import feature_statistics, frechet_distance, precision_recall
 from .classifier import DigitsCNN, images_to_input, load_digits_classifier
+from .spread import class_counts
 
 
 class JudgeScores(NamedTuple):
@@ -25,6 +31,7 @@ class JudgeScores(NamedTuple):
     accuracy: float    # share of samples classified as the label they were generated for
     precision: float   # share of samples inside the reference manifold
     recall: float      # share of reference images inside the samples' manifold
+    class_counts: tuple = ()   # samples the classifier reads as each class (num_classes ints)
 
 
 class ClassifierJudge:
@@ -66,13 +73,16 @@ class ClassifierJudge:
         mu, sigma = feature_statistics(self.features(images))
         return frechet_distance(mu, sigma, self.reference_mu, self.reference_sigma)
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor, k: int = 3) -> JudgeScores:
-        """images uint8 (N, C, H, W), labels (N,) the classes they were generated for."""
-        if labels.shape != (images.shape[0],):
+    def evaluate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None, k: int = 3) -> JudgeScores:
+        """images uint8 (N, C, H, W), labels (N,) the classes they were generated for (None: unconditional
+        samples, accuracy NaN)."""
+        if labels is not None and labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         feats, logits = self._run(images)
         mu, sigma = feature_statistics(feats)
         fd = frechet_distance(mu, sigma, self.reference_mu, self.reference_sigma)
-        accuracy = (logits.argmax(1) == labels.to(logits.device)).double().mean().item()
+        predicted = logits.argmax(1)
+        accuracy = math.nan if labels is None else (predicted == labels.to(logits.device)).double().mean().item()
         precision, recall = precision_recall(self.reference_features, feats, k=k, dtype=torch.float64)
-        return JudgeScores(fd, accuracy, precision, recall)
+        counts = tuple(class_counts(predicted.cpu(), logits.shape[1]))
+        return JudgeScores(fd, accuracy, precision, recall, counts)

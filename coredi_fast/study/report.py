@@ -1,7 +1,7 @@
 """Turn the study's runs into numbers a reader can trust: tables, paired tests, the equal-compute view, a plot.
 
-    summary = summarize(results, timing, variants, config)   # everything in results.json's "summary"
-    write_report(out, summary, results, timing, meta)         # results.json, results.md, convergence.png
+    summary = summarize(results, timing, variants, config)   # one group's numbers (results.json's "summary")
+    results_markdown(summary, meta); plot_convergence(summary, path); plot_samples(results, names, path)
 
 Statistics. Each variant has several seeds; tables give mean ± sample std (ddof 1). Comparisons between two
 variants are *paired* by seed: the same seed gives both runs the same data order, step noise, evaluation noise and
@@ -13,24 +13,29 @@ difference whose interval contains 0 is reported as within noise.
 Equal compute. A step costs `step_seconds` (model, projector, regularizer, optimizer, EMA) plus, for variants with
 features, `encoder_seconds` to compute the tokens online. The budget is the cheapest variant's full run; every other
 variant's FD at that budget is interpolated linearly in step between its checkpoints (NaN before the first one).
+
+Representation Guidance. A run judged with RG at scale w (its curve points carry "rg") becomes one more row,
+`<variant>+rg<w>`, with the same seeds, monitors and training cost: only the sampling differs.
+
+This module writes the original (class-conditional SiT-Micro) study's tables and plots; `report_groups.py` writes the
+other groups' and the comparisons across groups.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .variants import Variant
+from .groups import MAIN_PAIRS as PAIRS
+from .spread import SPREAD_KEYS
+from .variants import Variant, guided_name
 
-METRICS = ("fd", "accuracy", "precision", "recall")
+METRICS = ("fd", "accuracy", "precision", "recall") + SPREAD_KEYS
 MONITORS = ("effective_rank", "z_std_mean", "prenorm_std_mean", "pca_angle_mean_deg")
-PAIRS = (("coredi", "redi"), ("coredi", "redi-bn"), ("redi-bn", "redi"), ("coredi", "sit"), ("redi", "sit"),
-         ("coredi-lz0.1", "sit"),
-         ("jit-coredi", "jit"), ("jit-coredi-lz0.1", "jit"), ("jit", "sit"))
+COMPARED = ("fd", "accuracy", "precision", "recall", "class_kl")  # final-checkpoint metrics of the paired tests
 DEFAULT_CHOICES = {  # the ablations that decide each CoReDi default, compared with CoReDi's default run
     "regularizer": ("coredi", "coredi-cov", "coredi-vf", "coredi-no-reg"),
     "init": ("coredi", "coredi-orth-init"),
@@ -44,27 +49,58 @@ DEFAULT_CHOICES = {  # the ablations that decide each CoReDi default, compared w
 
 # ================================================================================================ aggregation
 
+def expand_guided(results: Sequence[dict], variants: Sequence[Variant]) -> tuple:
+    """(results, variants) with one more run per run judged with Representation Guidance at a scale w: variant
+    `<name>+rg<w>`, its curve the RG scores at the same checkpoints (monitors and losses unchanged: the same
+    weights), its samples the RG samples. Each guided variant follows its base variant."""
+    expanded, scales_of = [], {}
+    for run in results:
+        expanded.append(run)
+        for scale in run["curve"][0].get("rg", {}) if run["curve"] else {}:
+            known = scales_of.setdefault(run["variant"], [])
+            if scale not in known:
+                known.append(scale)
+            curve = [{**{k: v for k, v in point.items() if k != "rg"}, **point["rg"][scale]} for point in run["curve"]]
+            expanded.append({**run, "variant": guided_name(run["variant"], float(scale)), "curve": curve,
+                             "samples": run.get("samples_rg", {}).get(scale, []), "guided_from": run["variant"]})
+    out_variants = []
+    for variant in variants:
+        out_variants.append(variant)
+        for scale in scales_of.get(variant.name, []):
+            out_variants.append(replace(variant, name=guided_name(variant.name, float(scale)), rg_scales=(),
+                                        label=f"{variant.label}, sampled with RG w = {scale}"))
+    return expanded, out_variants
+
+
 def collect(results: Sequence[dict], steps: Sequence[int]) -> Dict[str, dict]:
-    """{variant: {"seeds": [...], metric: array (seeds, len(steps))}} for every metric and monitor; NaN where a
-    run has no point (diverged, or a monitor the variant lacks)."""
+    """{variant: {"seeds": [...], metric: array (seeds, len(steps)), "class_counts": array (seeds, K) of the final
+    checkpoint}} for every metric and monitor; NaN where a run has no point (diverged, a monitor the variant lacks,
+    or a run made before the statistic existed)."""
     by_variant: Dict[str, dict] = {}
     index = {s: i for i, s in enumerate(steps)}
     for run in results:
-        entry = by_variant.setdefault(run["variant"], {"seeds": [], "rows": []})
+        entry = by_variant.setdefault(run["variant"], {"seeds": [], "rows": [], "counts": []})
         row = {key: np.full(len(steps), np.nan) for key in METRICS + MONITORS}
+        counts = None
         for point in run["curve"]:
             if point["step"] in index:
                 for key in row:
                     if key in point and point[key] is not None:
                         row[key][index[point["step"]]] = point[key]
+                if point["step"] == steps[-1] and point.get("class_counts"):
+                    counts = np.asarray(point["class_counts"], dtype=np.float64)
         entry["seeds"].append(run["seed"])
         entry["rows"].append(row)
+        entry["counts"].append(counts)
     collected = {}
     for name, entry in by_variant.items():
         order = np.argsort(entry["seeds"])
         collected[name] = {"seeds": [entry["seeds"][i] for i in order]}
         for key in METRICS + MONITORS:
             collected[name][key] = np.stack([entry["rows"][i][key] for i in order])
+        width = max((len(c) for c in entry["counts"] if c is not None), default=0)
+        collected[name]["class_counts"] = np.stack(
+            [entry["counts"][i] if entry["counts"][i] is not None else np.full(width, np.nan) for i in order])
     return collected
 
 
@@ -124,8 +160,17 @@ def value_at_step(steps: Sequence[int], curve: Sequence[float], step: float) -> 
 
 # ================================================================================================ summary
 
-def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequence[Variant], config) -> dict:
-    """All the numbers of the report, JSON-ready (see the module docstring for the statistics)."""
+def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequence[Variant], config,
+              pairs: Sequence[tuple] = PAIRS, default_choices: Optional[dict] = None) -> dict:
+    """All the numbers of one group's report, JSON-ready (see the module docstring for the statistics). `pairs`:
+    the (a, b) paired comparisons; `default_choices`: the ablations compared with CoReDi's default (None: the
+    original study's `DEFAULT_CHOICES`)."""
+    default_choices = DEFAULT_CHOICES if default_choices is None else default_choices
+    results, variants = expand_guided(results, variants)
+    timing = dict(timing)
+    for run in results:  # a guided row trains exactly as its base variant
+        if "guided_from" in run and run["guided_from"] in timing:
+            timing[run["variant"]] = timing[run["guided_from"]]
     steps = list(config.eval_steps)
     data = collect(results, steps)
     names = [v.name for v in variants if v.name in data]
@@ -143,6 +188,12 @@ def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequen
         row["final"] = {key: row["curve"][key][-1] for key in METRICS + MONITORS}
         row["fd_mean_over_checkpoints"] = mean_std(np.nanmean(d["fd"], axis=1) if d["fd"].size else [])
         row["diverged_seeds"] = [r["seed"] for r in results if r["variant"] == name and r.get("diverged") is not None]
+        row["final_by_seed"] = {key: _by_seed(d, key, -1) for key in COMPARED}
+        counts = d["class_counts"]
+        if counts.size and np.isfinite(counts).all(axis=1).any():
+            shares = counts / counts.sum(axis=1, keepdims=True)
+            row["class_fractions"] = [mean_std(shares[:, k]) for k in range(shares.shape[1])]
+            row["nonuniform_seeds"] = int(np.nansum(d["class_chi2_p"][:, -1] < 0.05))
         if name in timing:
             t = timing[name]
             row["step_ms"] = 1000 * t["step_seconds"]
@@ -155,15 +206,14 @@ def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequen
         rows[name] = row
 
     comparisons = {}
-    for a, b in PAIRS:
+    for a, b in pairs:
         if a in data and b in data:
-            final = {metric: paired(_by_seed(data[a], metric, -1), _by_seed(data[b], metric, -1))
-                     for metric in ("fd", "accuracy")}
-            over = paired(_by_seed_mean(data[a]), _by_seed_mean(data[b]))
-            comparisons[f"{a} vs {b}"] = {"final_fd": final["fd"], "final_accuracy": final["accuracy"],
-                                          "mean_fd_over_checkpoints": over}
+            comparisons[f"{a} vs {b}"] = {
+                **{f"final_{metric}": paired(_by_seed(data[a], metric, -1), _by_seed(data[b], metric, -1))
+                   for metric in COMPARED},
+                "mean_fd_over_checkpoints": paired(_by_seed_mean(data[a]), _by_seed_mean(data[b]))}
     defaults = {}
-    for choice, candidates in DEFAULT_CHOICES.items():
+    for choice, candidates in default_choices.items():
         present = [c for c in candidates if c in data]
         if len(present) > 1:
             defaults[choice] = {c: paired(_by_seed(data[c], "fd", -1), _by_seed(data["coredi"], "fd", -1))
@@ -176,8 +226,9 @@ def summarize(results: Sequence[dict], timing: Dict[str, dict], variants: Sequen
             reach[reference] = {n: steps_to_reach(steps, [m for m, _ in rows[n]["curve"]["fd"]], target)
                                 for n in names}
     groups = {v.name: v.group for v in variants if v.name in data}
-    return {"model": config.model, "jit_model": getattr(config, "jit_model", None), "steps": steps, "variants": names,
-            "groups": groups, "rows": rows,
+    return {"model": config.model, "jit_model": getattr(config, "jit_model", None),
+            "conditional": getattr(config, "conditional", True), "samples": getattr(config, "num_samples", None),
+            "steps": steps, "variants": names, "groups": groups, "rows": rows,
             "comparisons": comparisons,
             "default_choices": defaults, "steps_to_reach_final_fd_of": reach,
             "equal_time": {"budget_seconds": budget, "cheapest": cheapest}}
@@ -225,11 +276,20 @@ def _comparison_line(name: str, c: dict) -> str:
 
 
 def results_markdown(summary: dict, meta: dict) -> str:
+    """The original study's results.md: its header, tables and the sessions that trained the runs."""
+    return "\n".join([markdown_header(meta), main_markdown(summary), run_markdown(meta)])
+
+
+def markdown_header(meta: dict) -> str:
+    return "\n".join([f"# CPU study: CoReDi vs ReDi vs SiT on 16×16 digits ({meta.get('mode', 'full')} run)", "",
+                      "Generated by `python scripts/digits_study.py` (settings in `results.json` → `config`; the "
+                      "sessions that trained the runs at the end). Mean ± std over seeds; FD_cls lower is better.", ""])
+
+
+def main_markdown(summary: dict) -> str:
+    """The tables of the original (class-conditional SiT-Micro) study."""
     steps, rows = summary["steps"], summary["rows"]
-    lines = [f"# CPU study: CoReDi vs ReDi vs SiT on 16×16 digits ({meta.get('mode', 'full')} run)", "",
-             "Generated by `python scripts/digits_study.py` (settings in `results.json` → `config`; the sessions "
-             "that trained the runs at the end). Mean ± std over seeds; FD_cls lower is better.", "",
-             "## Equal steps", "",
+    lines = ["## Equal steps", "",
              "| variant | seeds | " + " | ".join(f"FD_cls @ {s}" for s in steps)
              + " | accuracy % | precision | recall |",
              "|---|---|" + "---|" * len(steps) + "---|---|---|"]
@@ -276,7 +336,12 @@ def results_markdown(summary: dict, meta: dict) -> str:
         target = rows[reference]["final"]["fd"][0]
         lines += ["", f"## Steps to reach `{reference}`'s final FD_cls ({_num(target)}) on the mean curve", "",
                   " · ".join(f"`{n}` {_num(s, 0) if s is not None else 'not reached'}" for n, s in reach.items())]
-    lines += ["", "## Run", ""]
+    return "\n".join(lines + [""])
+
+
+def run_markdown(meta: dict) -> str:
+    """The "Run" section: the study's meta data and every session that trained runs."""
+    lines = ["## Run", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "sessions"]
     for i, session in enumerate(meta.get("sessions", []), 1):
         lines.append(f"- session {i}: " + "; ".join(f"{k}: {v}" for k, v in session.items()))
@@ -349,20 +414,30 @@ def plot_convergence(summary: dict, path: Path) -> Path:
     return path
 
 
-def plot_samples(results: Sequence[dict], names: Sequence[str], path: Path) -> Path:
-    """One row per variant: the final checkpoint's first 20 samples (digits 0-9 twice) of its lowest seed."""
+SAMPLES_TITLE = "Final-checkpoint samples, classes 0-9 twice (same noise for every variant)"
+
+
+def plot_samples(results: Sequence[dict], names: Sequence[str], path: Path,
+                 title: str = SAMPLES_TITLE) -> Optional[Path]:
+    """One row per variant: the final checkpoint's first 20 samples (conditional: digits 0-9 twice) of its lowest
+    seed. Runs restored from results.json have no samples: when a variant of `names` has none and `path` exists,
+    the existing picture is kept (None is returned) rather than replaced by one with rows missing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results, _ = expand_guided(results, [])
     shown = {}
     for run in sorted(results, key=lambda r: r["seed"]):
         if run["variant"] not in shown and run.get("samples"):
             images = [np.frombuffer(bytes.fromhex(h), dtype=np.uint8) for h in run["samples"]]
             side = int(round(math.sqrt(images[0].size)))
             shown[run["variant"]] = (run["seed"], [im.reshape(side, side) for im in images])
-    names = [n for n in names if n in shown]
+    present = [n for n in names if n in shown]
+    if not present or (len(present) < len(names) and Path(path).exists()):
+        return None
+    names = present
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 0.62 * len(names) + 0.4), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         seed, images = shown[name]
@@ -370,8 +445,9 @@ def plot_samples(results: Sequence[dict], names: Sequence[str], path: Path) -> P
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(f"{name}\n(seed {seed})", rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("Final-checkpoint samples, classes 0-9 twice (same noise for every variant)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -389,22 +465,3 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return _jsonable(obj.tolist())
     return obj
-
-
-def write_report(out: Path, summary: dict, results: List[dict], timing: Dict[str, dict], meta: dict,
-                 config_dict: dict) -> Dict[str, Path]:
-    """Write results.json (meta, config, summary, timing and every run's curve; the samples stay in runs/),
-    results.md, convergence.png and samples.png."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "convergence.png",
-             "samples": out / "samples.png"}
-    runs = [{k: v for k, v in r.items() if k not in ("samples", "config")} for r in results]
-    payload = _jsonable({"meta": meta, "config": config_dict, "summary": summary, "timing": timing, "runs": runs})
-    tmp = paths["json"].with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, paths["json"])
-    paths["markdown"].write_text(results_markdown(summary, meta))
-    plot_convergence(summary, paths["plot"])
-    plot_samples(results, summary["variants"], paths["samples"])
-    return paths

@@ -12,8 +12,15 @@ that do not change any number:
   per-sample seeds that are the same for every variant and checkpoint (common random numbers: the image-channel
   noise of sample i is identical across variants).
 
-Results are cached per run as `runs/<variant>__seed<k>.json` in the study folder, so an interrupted study resumes,
-and a cached run is reused only when the settings it was made with equal the current ones.
+Unconditional runs (`StudyConfig.conditional = False`) give every training sample the null class (the label row that
+label dropout trains) and sample with it, without guidance. They draw exactly the conditional runs' random numbers,
+so a seed's two runs start from the same weights and see the same batches, times and noise: only the labels differ.
+
+Variants with `rg_scales` are judged at each checkpoint unguided and with Representation Guidance at each scale, all
+from the same EMA weights and the same sample noise.
+
+Results are cached per run (`cache.py`) in the study folder, so an interrupted study resumes, and a cached run is
+reused only when the settings it was made with equal the current ones.
 """
 from __future__ import annotations
 
@@ -31,7 +38,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .variants import VARIANT_NAMES, Variant, get_variants
+from .cache import load_run, run_path, save_run, write_json
+from .spread import class_spread
+from .variants import MAIN_VARIANT_NAMES, Variant, get_variants
+
+__all__ = ["StudyConfig", "StudyData", "StudyPlan", "study_data", "run_one", "time_variants", "run_study",
+           "measure_timing", "load_run", "run_path", "NullLabelModel"]
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -46,7 +58,9 @@ class StudyConfig:
     per checkpoint (class-balanced); sampler_method / sampler_steps: ODE integrator; cfg_scale: classifier-free
     guidance scale (1 = none); sample_seed: the per-sample seeds' base; monitor_images: training images the
     feature monitors (effective rank, std, PCA angle) are computed on; jit_model / jit_time_mean / jit_time_std:
-    the pixel-space ("jit" family) variants' JiT zoo name and logit-normal time distribution.
+    the pixel-space ("jit" family) variants' JiT zoo name and logit-normal time distribution; conditional: False
+    trains and samples every image with the null class (an unconditional model; needs class_dropout > 0, which
+    gives the model its null class row).
     """
     model: str = "SiT-Micro/2"
     steps: int = 1000
@@ -66,6 +80,7 @@ class StudyConfig:
     jit_model: str = "JiT-Micro/2"
     jit_time_mean: float = -0.8
     jit_time_std: float = 0.8
+    conditional: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "feature_channels", "num_samples", "sampler_steps", "monitor_images"):
@@ -82,6 +97,11 @@ class StudyConfig:
                              f"{self.num_samples}")
         if self.sampler_method not in ("euler", "heun"):
             raise ValueError(f"sampler_method must be 'euler' or 'heun', got {self.sampler_method!r}")
+        if not isinstance(self.conditional, bool):
+            raise ValueError(f"conditional must be a bool, got {self.conditional!r}")
+        if not self.conditional and not self.class_dropout > 0:
+            raise ValueError(f"conditional=False needs class_dropout > 0 (the null class row the unconditional model "
+                             f"uses exists only with label dropout), got class_dropout={self.class_dropout}")
 
     @classmethod
     def quick(cls) -> "StudyConfig":
@@ -90,8 +110,17 @@ class StudyConfig:
                    sampler_method="euler", sampler_steps=2, monitor_images=32)
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        """16 hex digits of the settings. Fields added after runs were cached count only when they differ from
+        their default, so the runs cached before them (all made at that default) stay valid."""
+        fields = asdict(self)
+        for name, default in _LATE_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_LATE_FIELDS = {"conditional": True}
 
 
 # ================================================================================================ data
@@ -219,18 +248,48 @@ def _monitors(objective, data: StudyData, config: StudyConfig) -> Dict[str, floa
     return result
 
 
-def _evaluate(model_ema, setup: _Setup, config: StudyConfig, data: StudyData) -> Tuple[Dict[str, float], torch.Tensor]:
-    """JudgeScores as a dict, and the samples (uint8 (N, 1, 16, 16), sample i of class i % 10)."""
+class NullLabelModel(torch.nn.Module):
+    """`net(x, t, y)` with every label replaced by the null class `null_class`: the unconditional model.
+
+    `config` and `input_shape` are the wrapped network's, so `sampling.generate` still checks channels and size."""
+
+    def __init__(self, net: torch.nn.Module, null_class: int):
+        super().__init__()
+        self.net = net
+        self.null_class = null_class
+
+    @property
+    def config(self) -> dict:
+        return getattr(self.net, "config", {})
+
+    @property
+    def input_shape(self):
+        return getattr(self.net, "input_shape", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, torch.full_like(y, self.null_class))
+
+
+def _evaluate(model_ema, setup: _Setup, config: StudyConfig, data: StudyData,
+              rg_scale: Optional[float] = None) -> Tuple[Dict[str, float], torch.Tensor]:
+    """The judge's scores (fd, precision, recall, class counts and spread; accuracy for conditional runs) and the
+    samples (uint8 (N, 1, 16, 16); conditional: sample i of class i % 10). Sample i's noise depends only on i."""
     from ..sampling import decode_to_uint8, generate, sample_seeds
 
     labels = torch.arange(config.num_samples) % NUM_CLASSES
     seeds = sample_seeds(config.sample_seed, range(config.num_samples))
-    x = generate(model_ema, labels, image_channels=setup.inputs.shape[1],
+    network = model_ema if config.conditional else NullLabelModel(model_ema, NUM_CLASSES)
+    x = generate(network, labels, image_channels=setup.inputs.shape[1],
                  feature_channels=setup.objective.feature_channels, image_size=setup.inputs.shape[-1],
                  sampler="ode", method=config.sampler_method, steps=config.sampler_steps,
-                 cfg_scale=config.cfg_scale, seeds=seeds, batch_size=config.num_samples, prediction=setup.prediction)
+                 cfg_scale=config.cfg_scale, rg_scale=rg_scale, seeds=seeds, batch_size=config.num_samples,
+                 prediction=setup.prediction)
     images = decode_to_uint8(x, pixel_patch=setup.patch)
-    return data.judge.evaluate(images, labels)._asdict(), images
+    scores = data.judge.evaluate(images, labels if config.conditional else None)._asdict()
+    counts = list(scores.pop("class_counts"))
+    if not config.conditional:
+        del scores["accuracy"]  # no class was asked for
+    return {**scores, "class_counts": counts, **class_spread(counts)}, images
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -257,11 +316,16 @@ def _train_step(setup: _Setup, optimizer, ema, config: StudyConfig, data: StudyD
     model, objective = setup.model, setup.objective
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)   # one stream per (seed, step), as the loop
     noise = objective.draw_noise(len(idx), generator=gen, label_dropout=config.class_dropout)
+    labels = data.labels[idx]
+    if not config.conditional:
+        # Every sample gets the null class; the draws above are a conditional run's, so only the labels differ.
+        labels = torch.full_like(labels, NUM_CLASSES)
+        noise = noise._replace(label_drop=torch.ones_like(labels))
     factor = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     features = data.features[idx] if objective.projector.enabled else None
-    out = objective(model, setup.inputs[idx], features, data.labels[idx], noise=noise)
+    out = objective(model, setup.inputs[idx], features, labels, noise=noise)
     if torch.isfinite(out.loss):
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -270,15 +334,23 @@ def _train_step(setup: _Setup, optimizer, ema, config: StudyConfig, data: StudyD
     return out
 
 
+def _hex_samples(images: Optional[torch.Tensor]) -> List[str]:
+    """The first 2 samples per class (conditional: classes 0-9 twice), one hex string of 16x16 uint8 each."""
+    return [] if images is None else [bytes(im.flatten().tolist()).hex() for im in images[: 2 * NUM_CLASSES, 0]]
+
+
 def run_one(variant: Variant, seed: int, config: StudyConfig, data: Optional[StudyData] = None,
-            threads: Optional[int] = 1, log: Optional[Callable[[str], None]] = None) -> dict:
+            threads: Optional[int] = 1, log: Optional[Callable[[str], None]] = None, group: str = "main") -> dict:
     """Train `variant` with `seed` for config.steps and judge its EMA model at config.eval_steps.
 
-    Returns a JSON-ready dict: variant, seed, fingerprint, config, the curve (one entry per eval step: step, fd,
-    accuracy, precision, recall, the feature monitors and the mean loss terms since the previous entry), the
-    median seconds of a training step in this run (features given), `wall_seconds`, `diverged` (the step at
-    which the loss became non-finite, else None; the curve then stops there) and `samples`: the last checkpoint's
-    first 20 samples (classes 0-9 twice), each the hex string of its 16x16 uint8 pixels (row-major).
+    Returns a JSON-ready dict: group, variant, seed, fingerprint, config, variant_spec, the curve (one entry per
+    eval step: step, fd, precision, recall, accuracy (conditional runs), class_counts and the class spread
+    statistics (`spread.py`), the feature monitors, the mean loss terms since the previous entry and, for a
+    variant with rg_scales, "rg": {scale: the same scores sampled with Representation Guidance}), the median
+    seconds of a training step in this run (features given), `wall_seconds`, `eval_seconds` (judging, all
+    guidance settings), `diverged` (the step at which the loss became non-finite, else None; the curve then stops
+    there), `samples`: the last checkpoint's first 20 samples (conditional: classes 0-9 twice), each the hex string
+    of its 16x16 uint8 pixels (row-major), and `samples_rg`: {scale: the same with RG}.
     """
     from ..training.ema import EMA
 
@@ -299,6 +371,8 @@ def run_one(variant: Variant, seed: int, config: StudyConfig, data: Optional[Stu
         curve: List[dict] = []
         diverged = None
         images = None
+        guided_images: Dict[str, torch.Tensor] = {}
+        eval_seconds = 0.0
         started = time.perf_counter()
         for step in range(config.steps):
             if not order:  # a new epoch: a permutation of the training set, drawn from the seed's stream
@@ -315,24 +389,33 @@ def run_one(variant: Variant, seed: int, config: StudyConfig, data: Optional[Stu
                     window.setdefault(key, []).append(float(out.logs[key]))
 
             if step + 1 in config.eval_steps:
+                tick = time.perf_counter()
                 ema.copy_to(model_ema)
                 scores, images = _evaluate(model_ema, setup, config, data)
+                guided = {}
+                for scale in variant.rg_scales:  # the same EMA weights, the same sample noise
+                    guided[f"{scale:g}"], guided_images[f"{scale:g}"] = _evaluate(model_ema, setup, config, data,
+                                                                                   rg_scale=scale)
+                eval_seconds += time.perf_counter() - tick
                 point = {"step": step + 1, **scores, **_monitors(objective, data, config),
                          **{k: float(np.mean(v)) for k, v in window.items()}}
+                if guided:
+                    point["rg"] = guided
                 window = {}
                 curve.append(point)
                 if log is not None:
-                    log(f"{variant.name} seed {seed} step {step + 1}: FD_cls {point['fd']:.2f}, accuracy "
-                        f"{point['accuracy']:.3f}" + (f", eff. rank {point['effective_rank']:.2f}"
-                                                      if "effective_rank" in point else ""))
+                    judged = (f"accuracy {point['accuracy']:.3f}" if config.conditional
+                              else f"class KL {point['class_kl']:.3f}")
+                    log(f"{variant.name} seed {seed} step {step + 1}: FD_cls {point['fd']:.2f}, {judged}"
+                        + (f", eff. rank {point['effective_rank']:.2f}" if "effective_rank" in point else ""))
         warm = step_times[min(10, len(step_times) // 2):]  # the first steps pay for allocations
-        # The last checkpoint's first 2 samples per class, one hex string of 16x16 uint8 values each.
-        shown = [] if images is None else [bytes(im.flatten().tolist()).hex() for im in images[: 2 * NUM_CLASSES, 0]]
         return {
-            "variant": variant.name, "seed": seed, "fingerprint": config.fingerprint(), "config": asdict(config),
-            "curve": curve, "diverged": diverged, "samples": shown,
+            "group": group, "variant": variant.name, "seed": seed, "fingerprint": config.fingerprint(),
+            "config": asdict(config), "variant_spec": variant.spec(), "curve": curve, "diverged": diverged,
+            "samples": _hex_samples(images),
+            "samples_rg": {scale: _hex_samples(im) for scale, im in guided_images.items()},
             "step_seconds": pystats.median(warm) if warm else math.nan,
-            "wall_seconds": time.perf_counter() - started,
+            "wall_seconds": time.perf_counter() - started, "eval_seconds": eval_seconds,
         }
 
 
@@ -374,48 +457,24 @@ def time_variants(variants: Sequence[Variant], config: StudyConfig, data: Option
 
 # ================================================================================================ the study
 
-def run_path(out: Path, variant: str, seed: int) -> Path:
-    return Path(out) / "runs" / f"{variant}__seed{seed}.json"
-
-
-def load_run(out: Path, variant: str, seed: int, config: StudyConfig) -> Optional[dict]:
-    """The cached result of (variant, seed), or None when absent or made with other settings."""
-    path = run_path(out, variant, seed)
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return result if result.get("fingerprint") == config.fingerprint() else None
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _worker(job: Tuple[str, int, StudyConfig]) -> dict:
-    name, seed, config = job
-    return run_one(get_variants([name])[0], seed, config, threads=1)
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+class Job(NamedTuple):
+    """One run of the study: the group it belongs to (its cache folder), the variant, the seed, the settings."""
+    group: str
+    variant: str
+    seed: int
+    config: StudyConfig
 
 
 @dataclass
 class StudyPlan:
-    """Which runs a study needs: `seeds` for every variant, plus `extra_seeds` for the variants in `key_variants`
-    (more seeds where the paired comparison needs the power)."""
-    variants: Tuple[str, ...] = VARIANT_NAMES
+    """Which runs one group needs: `seeds` for every variant, plus `extra_seeds` for the variants in `key_variants`
+    (more seeds where the paired comparison needs the power). `group` names the cache folder (`cache.run_path`)."""
+    variants: Tuple[str, ...] = MAIN_VARIANT_NAMES
     seeds: Tuple[int, ...] = (0, 1, 2)
     key_variants: Tuple[str, ...] = ("sit", "redi", "redi-bn", "coredi", "coredi-lz0.1", "jit", "jit-coredi",
                                      "jit-coredi-lz0.1")
     extra_seeds: Tuple[int, ...] = ()
+    group: str = "main"
 
     def jobs(self) -> List[Tuple[str, int]]:
         """(variant, seed) in the order they run: seed-major, so a partial study has every variant."""
@@ -424,41 +483,71 @@ class StudyPlan:
         return jobs
 
 
-def run_study(out: Path, config: StudyConfig, plan: Optional[StudyPlan] = None, workers: int = 2,
-              log: Callable[[str], None] = print) -> List[dict]:
-    """Run every job of `plan` that is not cached in `out/runs/`, with `workers` processes of one thread each
-    (workers=1 runs in this process). Returns all results (cached and new) in plan order."""
+def plan_jobs(plans: Sequence[Tuple[StudyPlan, StudyConfig]]) -> List[Job]:
+    """Every run of the (plan, settings) pairs, in order. Unknown variant names raise ValueError before any work."""
+    jobs = []
+    for plan, config in plans:
+        get_variants(plan.variants)
+        jobs += [Job(plan.group, v, s, config) for v, s in plan.jobs()]
+    return jobs
+
+
+def load_job(out: Path, job: Job) -> Optional[dict]:
+    """The cached result of `job`, or None (see `cache.load_run`)."""
+    return load_run(out, job.variant, job.seed, job.config, job.group, get_variants([job.variant])[0].spec())
+
+
+def _worker(job: Job) -> dict:
+    return run_one(get_variants([job.variant])[0], job.seed, job.config, threads=1, group=job.group)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_study(out: Path, plans: Sequence[Tuple[StudyPlan, StudyConfig]], workers: int = 2,
+              log: Callable[[str], None] = print,
+              announce: Optional[Callable[[List[Job]], None]] = None) -> List[dict]:
+    """Run every job of `plans` that is not cached in `out/runs/`, with `workers` processes of one thread each
+    (workers=1 runs in this process); `announce(todo)` is called before the first run starts. Returns all results
+    (cached and new) in plan order."""
     out = Path(out)
-    plan = plan if plan is not None else StudyPlan()
-    get_variants(plan.variants)  # unknown names fail before any work
-    jobs = plan.jobs()
-    results: Dict[Tuple[str, int], dict] = {}
-    todo = []
-    for name, seed in jobs:
-        cached = load_run(out, name, seed, config)
+    jobs = plan_jobs(plans)
+    results: Dict[Tuple[str, str, int], dict] = {}
+    todo: List[Job] = []
+    for job in jobs:
+        cached = load_job(out, job)
         if cached is not None:
-            results[(name, seed)] = cached
+            results[job[:3]] = cached
         else:
-            todo.append((name, seed, config))
+            todo.append(job)
     log(f"study: {len(jobs)} runs, {len(results)} cached in {out / 'runs'}, {len(todo)} to do "
         f"({workers} worker{'s' if workers > 1 else ''})")
+    if announce is not None:
+        announce(todo)
     started = time.perf_counter()
+    pending = {job[:3] for job in todo}
 
     def finished(result: dict) -> None:
-        results[(result["variant"], result["seed"])] = result
-        _write_json(run_path(out, result["variant"], result["seed"]), result)
+        key = (result["group"], result["variant"], result["seed"])
+        results[key] = result
+        save_run(out, result)
         last = result["curve"][-1] if result["curve"] else {}
-        done = sum(1 for key in results if key in {(n, s) for n, s, _ in todo})
+        done = sum(1 for k in results if k in pending)
         elapsed = time.perf_counter() - started
-        log(f"[{done}/{len(todo)} {elapsed / 60:5.1f} min] {result['variant']:>16s} seed {result['seed']}: FD_cls "
-            f"{last.get('fd', float('nan')):7.2f}  accuracy {last.get('accuracy', float('nan')):.3f}  "
+        judged = (f"accuracy {last.get('accuracy', math.nan):.3f}" if "accuracy" in last
+                  else f"class KL {last.get('class_kl', math.nan):.3f}")
+        log(f"[{done}/{len(todo)} {elapsed / 60:5.1f} min] {result['group']:>11s} {result['variant']:>16s} seed "
+            f"{result['seed']}: FD_cls {last.get('fd', math.nan):7.2f}  {judged}  "
             f"{1000 * result['step_seconds']:.0f} ms/step  ({result['wall_seconds']:.0f} s)")
 
     if todo:
         if workers <= 1:
             data = study_data()
-            for name, seed, cfg in todo:
-                finished(run_one(get_variants([name])[0], seed, cfg, data, threads=1))
+            for job in todo:
+                finished(run_one(get_variants([job.variant])[0], job.seed, job.config, data, threads=1,
+                                 group=job.group))
         else:
             import multiprocessing as mp
 
@@ -472,13 +561,19 @@ def run_study(out: Path, config: StudyConfig, plan: Optional[StudyPlan] = None, 
                 raise
             finally:
                 pool.join()
-    return [results[job] for job in jobs]
+    return [results[job[:3]] for job in jobs]
+
+
+def timing_path(out: Path, group: str = "main") -> Path:
+    """The step-time cache of `group`: timing.json for the main group (its original name), else timing_<group>.json."""
+    return Path(out) / ("timing.json" if group == "main" else f"timing_{group}.json")
 
 
 def measure_timing(out: Path, config: StudyConfig, variants: Sequence[str], steps: int = 10, rounds: int = 3,
-                   log: Callable[[str], None] = print) -> Dict[str, dict]:
-    """`time_variants` for `variants`, cached in `out/timing.json` (reused when the settings and variants match)."""
-    path = Path(out) / "timing.json"
+                   log: Callable[[str], None] = print, group: str = "main") -> Dict[str, dict]:
+    """`time_variants` for `variants`, cached in `timing_path(out, group)` (reused when the settings and variants
+    match)."""
+    path = timing_path(out, group)
     key = {"fingerprint": config.fingerprint(), "variants": list(variants), "steps": steps, "rounds": rounds}
     if path.is_file():
         try:
@@ -487,7 +582,7 @@ def measure_timing(out: Path, config: StudyConfig, variants: Sequence[str], step
                 return cached["timing"]
         except json.JSONDecodeError:
             pass
-    log(f"timing: {rounds} interleaved rounds of {steps} steps per variant")
+    log(f"timing ({group}): {rounds} interleaved rounds of {steps} steps per variant")
     timing = time_variants(get_variants(variants), config, steps=steps, rounds=rounds)
-    _write_json(path, {"key": key, "timing": timing})
+    write_json(path, {"key": key, "timing": timing})
     return timing

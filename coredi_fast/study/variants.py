@@ -4,7 +4,8 @@ Every variant is a `JointDiffusionObjective` + `FeatureProjector` + a denoiser; 
 for the pixel-space rows, the denoiser family differ. The first three are the paper's comparison (plain SiT, ReDi's
 fixed PCA, CoReDi's learned projection); the ablations change one thing of CoReDi's default at a time; the "pixel"
 group repeats baseline vs CoReDi with a JiT-style denoiser (patchified pixels, x-prediction with the velocity loss,
-logit-normal time, features joining each token on the encoder's own grid).
+logit-normal time, features joining each token on the encoder's own grid); the "rg" group is CoReDi trained with
+feature dropout, judged with and without Representation Guidance from the same checkpoints.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Dict, Optional, Sequence, Tuple
 from ..method import FeatureStatistics, ProjectorConfig
 
 FAMILIES = ("sit", "jit")
+# Representation Guidance scales the "rg" variant is judged at (besides unguided): see its definition below.
+RG_SCALES = (1.1, 1.5)
 
 # CoReDi's default as the study runs it: learned W from the PCA basis, BatchNorm, stop-gradient, ortho (weight 1).
 COREDI_DEFAULT = dict(mode="learned", init="pca", norm="batchnorm", stop_gradient=True, regularizer="ortho",
@@ -27,7 +30,9 @@ class Variant:
     projector: `ProjectorConfig` fields; match_pca_scale: set feature_scale to the mean std of ReDi's PCA channels
     (computed from the feature statistics), to separate CoReDi's learned subspace from BatchNorm's unit variance;
     family: "sit" (the study config's `model`, velocity prediction, uniform t) or "jit" (its `jit_model`, JiT's
-    recipe: x-prediction, logit-normal t); feature_weight: λ_z, the feature loss's weight."""
+    recipe: x-prediction, logit-normal t); feature_weight: λ_z, the feature loss's weight; rg_scales: each
+    checkpoint is also sampled with Representation Guidance at these scales (the model must train with feature
+    dropout, `projector["feature_dropout"] > 0`, or RG has no feature-free prediction to contrast)."""
     name: str
     label: str
     group: str
@@ -35,10 +40,23 @@ class Variant:
     match_pca_scale: bool = False
     family: str = "sit"
     feature_weight: float = 1.0
+    rg_scales: Tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"variant {self.name!r}: family must be one of {FAMILIES}, got {self.family!r}")
+        if self.rg_scales:
+            if not float(self.projector.get("feature_dropout", 0.0)) > 0:
+                raise ValueError(f"variant {self.name!r}: rg_scales needs a model trained with feature dropout "
+                                 f"(projector feature_dropout > 0)")
+            if any(not (isinstance(w, (int, float)) and w > 0 and w != 1) for w in self.rg_scales):
+                raise ValueError(f"variant {self.name!r}: rg_scales must be positive and not 1 (1 is no guidance), "
+                                 f"got {self.rg_scales}")
+
+    def spec(self) -> Dict[str, object]:
+        """What decides this variant's numbers besides the study config (kept with each run for the cache)."""
+        return {"projector": dict(self.projector), "match_pca_scale": self.match_pca_scale, "family": self.family,
+                "feature_weight": self.feature_weight, "rg_scales": list(self.rg_scales)}
 
     def projector_config(self, feature_dim: int, dim: int,
                          statistics: Optional[FeatureStatistics] = None) -> ProjectorConfig:
@@ -82,8 +100,19 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("jit-coredi", "JiT + CoReDi features on the token grid", "pixel", _coredi(), family="jit"),
     Variant("jit-coredi-lz0.1", "JiT + CoReDi, feature loss weight 0.1", "pixel", _coredi(), family="jit",
             feature_weight=0.1),
+    # ReDi's recipe for RG: feature dropout 0.2 in training; w_r = 1.1 is ReDi's best on ImageNet, 1.5 is inside the
+    # range its slides show. Both are judged from the same checkpoints as the unguided samples.
+    Variant("coredi-fd0.2", "CoReDi trained with feature dropout 0.2", "rg", _coredi(feature_dropout=0.2),
+            rg_scales=RG_SCALES),
 )
 VARIANT_NAMES: Tuple[str, ...] = tuple(v.name for v in VARIANTS)
+# The variants of the original (class-conditional SiT-Micro) study, in its order: its timing cache is keyed on it.
+MAIN_VARIANT_NAMES: Tuple[str, ...] = tuple(v.name for v in VARIANTS if v.group in ("main", "ablation", "pixel"))
+
+
+def guided_name(name: str, scale: float) -> str:
+    """The report's name for variant `name` sampled with Representation Guidance at `scale`."""
+    return f"{name}+rg{scale:g}"
 
 
 def get_variants(names: Optional[Sequence[str]] = None) -> Tuple[Variant, ...]:
