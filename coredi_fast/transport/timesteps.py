@@ -4,8 +4,8 @@
 * "logit_normal": t = sigmoid(mean + std * n), n ~ N(0, 1), i.e. logit(t) ~ N(mean, std^2).
 
 Sign convention. JiT's code uses the same convention as SiT: its denoiser builds z = t * x + (1 - t) * e with x
-the clean image and draws t = sigmoid(P_std * randn + P_mean) (read in copies of JiT's `denoiser.py`; the
-official LTH14/JiT repository was not in the search index). So JiT's recipe P_mean = -0.8, P_std = 0.8 is passed
+the clean image, draws t = sigmoid(P_std * randn + P_mean) and samples from t = 0 (noise) to t = 1 (LTH14/JiT's
+`denoiser.py`, read in the first commits of the radiradev/JiT fork, which are LTH14's). So JiT's recipe P_mean = -0.8, P_std = 0.8 is passed
 here unchanged as mean=-0.8, std=0.8; it puts more mass near the noise end (median t = sigmoid(-0.8) = 0.31).
 Codebases where t = 1 is noise (SD3 / rectified-flow style) would write the same distribution as mean=+0.8.
 """
