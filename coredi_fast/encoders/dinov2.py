@@ -18,6 +18,7 @@ bicubic interpolation DINOv2 itself applies to 224-px inputs.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +56,9 @@ class DINOv2Encoder(nn.Module):
         img_size:   side the images are resized to before the ViT (ReDi: 224 for 256-px images, giving a 16×16 grid).
                     Must be a multiple of the patch size.
         dtype:      None runs in float32 (as ReDi does); torch.bfloat16/float16 runs the ViT under autocast.
+        allow_tf32: with dtype None on a GPU: True lets matmuls and convolutions use TF32 tensor cores (ReDi's
+                    setting: its train_redi.py enables TF32 for the whole process), False keeps IEEE fp32 (TF32 off
+                    inside the forward, whatever the process-wide flags say). No effect on the CPU.
         **timm_kwargs: forwarded to `timm.create_model`, e.g. embed_dim/depth/num_heads for tiny random-init models.
 
     Attributes: embed_dim (D), patch_size, grid_size (tokens per side), num_tokens (L = grid_size²),
@@ -64,7 +68,7 @@ class DINOv2Encoder(nn.Module):
     """
 
     def __init__(self, model_name: str = DEFAULT_DINOV2, weights: WeightsArg = "hub", *, img_size: int = 224,
-                 dtype: Optional[torch.dtype] = None, **timm_kwargs):
+                 dtype: Optional[torch.dtype] = None, allow_tf32: bool = False, **timm_kwargs):
         super().__init__()
         if not isinstance(model_name, str) or "dinov2" not in model_name or not timm.is_model(model_name):
             raise ValueError(f"model_name must be a timm DINOv2 model (one of {timm.list_models('*dinov2*')}), "
@@ -88,6 +92,7 @@ class DINOv2Encoder(nn.Module):
         self.model_name = model_name
         self.img_size = img_size
         self.autocast_dtype = None if dtype == torch.float32 else dtype
+        self.allow_tf32 = bool(allow_tf32)
         self.patch_size = patch_size
         self.embed_dim = self.model.embed_dim
         self.grid_size = img_size // patch_size
@@ -146,10 +151,26 @@ class DINOv2Encoder(nn.Module):
         # No autocast weight-cast cache: each weight is cast once per forward anyway, and a cache that outlives a
         # CUDA-graph capture would hand the graph tensors from outside its memory pool (see GraphedEncoder).
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+                            enabled=self.autocast_dtype is not None, cache_enabled=False), \
+                _tf32(self.allow_tf32, x.device):
             tokens = self.model.forward_features(x)
         return tokens[:, self.num_prefix_tokens:].float()
 
     def extra_repr(self) -> str:
         return (f"model_name={self.model_name!r}, img_size={self.img_size}, grid_size={self.grid_size}, "
-                f"embed_dim={self.embed_dim}, autocast_dtype={self.autocast_dtype}")
+                f"embed_dim={self.embed_dim}, autocast_dtype={self.autocast_dtype}, allow_tf32={self.allow_tf32}")
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool, device: torch.device):
+    """On CUDA: TF32 for matmuls and convolutions on (allowed) or off inside the block, the process's flags restored
+    after. Elsewhere nothing (TF32 is a CUDA tensor-core format)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -74,10 +74,20 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Optional[nn.Module]
     else:
         from ..encoders import DINOv2Encoder
 
-        dtype = torch.bfloat16 if e.dtype == "bf16" and device.type == "cuda" else None
-        encoder = DINOv2Encoder(e.name, weights=e.weights or "hub", img_size=e.resolution, dtype=dtype)
+        dtype, allow_tf32 = encoder_precision(e.dtype, device)
+        encoder = DINOv2Encoder(e.name, weights=e.weights or "hub", img_size=e.resolution, dtype=dtype,
+                                allow_tf32=allow_tf32)
     check_encoder(cfg, encoder)
     return encoder.to(device)
+
+
+def encoder_precision(name: str, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
+    """encoder.dtype -> (DINOv2Encoder's autocast dtype, allow_tf32). On a GPU: bf16 = bf16 autocast; tf32 = fp32
+    with TF32 matmuls (ReDi's train_redi.py sets allow_tf32 for the process); fp32 = IEEE fp32. On the CPU all three
+    run in fp32 (bf16 autocast is slower there, and TF32 does not exist)."""
+    if device.type != "cuda":
+        return None, False
+    return {"bf16": (torch.bfloat16, False), "tf32": (None, True), "fp32": (None, False)}[name]
 
 
 def check_encoder(cfg: TrainConfig, encoder: nn.Module, image_channels: Optional[int] = None) -> None:

@@ -54,7 +54,8 @@ class EncoderConfig:
     name: str = "digits"
     weights: Optional[str] = None
     resolution: int = 224             # DINOv2 input side (bicubic resize); ignored by the digits encoder
-    dtype: str = "bf16"               # autocast dtype of the encoder on GPU (fp32 on CPU): bf16 | fp32
+    dtype: str = "bf16"               # DINOv2's precision on GPU (fp32 on CPU): bf16 (autocast) | tf32 (fp32 with TF32
+                                      # matmuls, as ReDi runs it) | fp32 (IEEE); see builders.encoder_precision
     statistics: Optional[str] = None  # FeatureStatistics file; computed at start-up when null
     pca_file: Optional[str] = None    # ReDi's dino_pca_model.pth: its mean/std/PCA, used as stored (not recomputed)
     statistics_batches: int = 32      # batches used when computed at start-up
@@ -196,7 +197,7 @@ class TrainConfig:
         _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
         if not 0.0 <= self.model.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.model.class_dropout_prob}")
-        _choice("encoder.dtype", self.encoder.dtype, ("bf16", "fp32"))
+        _choice("encoder.dtype", self.encoder.dtype, ("bf16", "tf32", "fp32"))
         _positive("encoder.resolution", self.encoder.resolution)
         _positive("encoder.statistics_batches", self.encoder.statistics_batches)
         if self.encoder.statistics and not Path(self.encoder.statistics).is_file():

@@ -4,7 +4,7 @@ Each step:
     batch   = next(loader)                                   this rank's slice of the global batch
     images  = mirrored per sample with data.hflip            coins for the global batch, see data/flip.py
     x       = VAE latent sampled from the stored moments, or pixels in [-1, 1]
-    f       = encoder(images)                                frozen, no_grad (bf16 on GPU, as the paper runs it)
+    f       = encoder(images)                                frozen, no_grad, at encoder.dtype (ReDi: tf32)
     noise   = draws for the *global* batch from a generator seeded by (seed, step), sliced to this rank
     loss    = objective(denoiser, x, f, y, noise)            projector + joint loss + regularizer
     backward, clip, step, EMA
