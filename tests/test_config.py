@@ -9,7 +9,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name, mode", [("imagenet256_coredi_xl", "learned"), ("imagenet256_redi_xl", "pca"),
-                                        ("imagenet256_sit_xl", "none")])
+                                        ("imagenet256_redi_bn_xl", "pca"), ("imagenet256_sit_xl", "none")])
 def test_shipped_imagenet_configs_validate(name, mode):
     cfg = load_config(str(CONFIGS / f"{name}.yaml"))
     assert cfg.model.name == "SiT-XL/2" and cfg.data.global_batch_size == 256 and cfg.optim.lr == 1e-4
@@ -29,6 +29,31 @@ def test_shipped_jit_config_validates_with_jits_recipe():
     # JiT's main_jit.py: AdamW betas (0.9, 0.95), RandomHorizontalFlip in the training transform, no clipping.
     assert cfg.optim.betas == (0.9, 0.95) and cfg.data.hflip and cfg.optim.grad_clip == 0.0
     assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_validates_and_round_trips(path):
+    cfg = load_config(str(path))
+    assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return out
+
+
+def test_the_redi_bn_baseline_differs_from_redi_only_in_the_projector_norm():
+    # CoReDi changes two things against ReDi (a learned W, BatchNorm'd features); redi_bn takes only the second, so
+    # CoReDi vs redi_bn measures the learned W alone.
+    redi = _flat(load_config(str(CONFIGS / "imagenet256_redi_xl.yaml")).to_dict())
+    redi_bn = _flat(load_config(str(CONFIGS / "imagenet256_redi_bn_xl.yaml")).to_dict())
+    assert redi.keys() == redi_bn.keys()
+    differ = {k: (redi[k], redi_bn[k]) for k in redi if redi[k] != redi_bn[k]}
+    assert differ == {"method.projector.norm": ("none", "batchnorm"),
+                      "run.out_dir": ("runs/redi_sit_xl2", "runs/redi_bn_sit_xl2")}
+    assert redi_bn["method.projector.mode"] == "pca" and redi_bn["method.projector.norm_affine"] is False
 
 
 def test_demo_config_file_equals_the_embedded_defaults():

@@ -101,7 +101,7 @@ def test_config_names_map_to_the_encoders_arguments():
         load_config(None, ["encoder.dtype=fp16"])
 
 
-@pytest.mark.parametrize("name", ["imagenet256_redi_xl", "imagenet256_coredi_xl",
+@pytest.mark.parametrize("name", ["imagenet256_redi_xl", "imagenet256_redi_bn_xl", "imagenet256_coredi_xl",
                                   "imagenet256_jit_b16_coredi"])
 def test_the_feature_recipes_run_dinov2_as_redi_does(name):
     # ReDi: DINOv2 without autocast, in a process that set torch.backends.cuda.matmul.allow_tf32 = True.
