@@ -105,3 +105,8 @@ def test_the_data_loaders_import_each_other_one_way_only():
     assert torch_loader not in graph[dali_loader]
     assert not [c for c in cycles(graph) if c[0].startswith("coredi_fast.data.")]
 
+
+def test_coredi_fast_has_no_import_cycle():
+    found = cycles(import_graph(PACKAGE))
+    assert found == [], "import cycles (move what both modules need into one both import): " + "; ".join(
+        " <-> ".join(c) for c in found)
