@@ -312,7 +312,8 @@ def generate(model: nn.Module, labels: torch.Tensor, *, image_channels: int, fea
             the null class is the model's num_classes (it must have one: class_dropout_prob > 0).
         guidance_interval_rule: "closed" (low <= t <= high) or "jit" (JiT's low < t < high); see `cfg_model_fn`.
         rg_scale: Representation Guidance scale (models trained with feature dropout); not with cfg_scale != 1.
-        prediction: "velocity" (SiT) or "x" (JiT; converted to velocity after guidance).
+        prediction: "velocity" (SiT) or "x" (JiT; each guidance branch is converted to velocity with its own
+            input, then the branches are blended).
         batch_size: samples per model call (twice that with guidance).
         generator: CPU torch.Generator from which the per-sample seeds are drawn (None: the global RNG).
         seeds: (N,) int64 per-sample seeds instead (see `sample_seeds`); sample i's noise is drawn from
