@@ -21,7 +21,7 @@ from .layernorm_modulate import (
     gated_residual_layernorm_modulate,
     layernorm_modulate,
 )
-from .patch import is_dit_patched, patch_dit, patch_jit, unpatch_dit
+from .patch import PatchReport, is_dit_patched, patch_dit, patch_jit, patch_report, unpatch_dit
 from .qk_norm_rope import QKNormRoPE, qk_norm_rope
 from .rmsnorm_modulate import (
     GatedResidualRMSNormModulate,
@@ -39,6 +39,8 @@ __all__ = [
     "select_attention_backend",
     "patch_dit",
     "patch_jit",
+    "patch_report",
+    "PatchReport",
     "rmsnorm_modulate",
     "gated_residual_rmsnorm_modulate",
     "RMSNormModulate",
