@@ -112,6 +112,7 @@ def test_the_feature_recipes_run_dinov2_as_redi_does(name):
 def test_on_a_gpu_each_precision_runs_as_named():
     x = images().cuda()
     fp32_cpu = small_dino()(images())
+    process_wide = torch.backends.cuda.matmul.allow_tf32
     flags = []
 
     def record(module, args, output):
@@ -127,4 +128,4 @@ def test_on_a_gpu_each_precision_runs_as_named():
         assert set(flags) == {want}
         tolerance = 1e-4 if want == (False, False, torch.float32) else 4 * BF16_EPS  # TF32 keeps 11 bits
         assert ((got - fp32_cpu).norm() / fp32_cpu.norm()).item() < tolerance
-    assert torch.backends.cuda.matmul.allow_tf32 is False  # the process default is back
+    assert torch.backends.cuda.matmul.allow_tf32 == process_wide  # the process's setting is back
