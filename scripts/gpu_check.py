@@ -6,8 +6,8 @@
 
 Stages, in order of value (a stage that does not fit the time left is skipped, and says so):
     env           the card, driver, torch / triton / CUDA / cuDNN versions, the commit and a source digest
-    install       a clean `pip install --target .site .` (the previous folder removed first: pip keeps an old one),
-                  then a check that the packages the stages import are this checkout's (paths and file contents)
+    install       a clean `pip install --target .site . ./kernels` (the previous folder removed first: pip keeps an
+                  old one), then a check that the packages the stages import are this checkout's (paths and contents)
     native        the optional one-pass AdamW + EMA extension, built for this card (without it, `ours` runs torch's
                   fused AdamW and the foreach EMA, and the table's optimizer column says so)
     train_step    the SiT-XL/2 CoReDi training step at batch 128 in bf16: eager, per-block torch.compile, ours,
@@ -111,7 +111,7 @@ def plan(args, work: Path, site: Path) -> list:
         Stage("env", 30, 5, [[sys.executable, "scripts/gpu_check_env.py", "--json", str(work / "env.json")]]),
         Stage("install", 90, 15, [
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-             "--target", str(site), "."],
+             "--target", str(site), ".", "./kernels"],  # coredi_fast, and coredi-kernels (its own distribution)
             [sys.executable, "scripts/gpu_check_env.py", "--site", str(site), "--packages-only",
              "--json", str(work / "install.json")]]),
         # From the checkout, not the installed copy: CMake needs CMakeLists.txt and csrc/ (not installed).
