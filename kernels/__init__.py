@@ -22,7 +22,7 @@ from .layernorm_modulate import (
     layernorm_modulate,
 )
 from .patch import PatchReport, is_dit_patched, patch_dit, patch_jit, patch_report, unpatch_dit
-from .qk_norm_rope import QKNormRoPE, qk_norm_rope
+from .qk_norm_rope import QKNormRoPE, qk_layernorm_rope, qk_norm_rope
 from .rmsnorm_modulate import (
     GatedResidualRMSNormModulate,
     RMSNormModulate,
@@ -56,5 +56,6 @@ __all__ = [
     "gated_residual_layernorm_modulate",
     "layernorm_modulate",
     "qk_norm_rope",
+    "qk_layernorm_rope",
     "QKNormRoPE",
 ]

@@ -22,9 +22,10 @@ forward_with_cfg) stay as they are. `patch_report(model)` says what was swapped 
 
 What is swapped in:
     attention            attn.forward = qkv -> [q/k norm + RoPE] -> `attention` (the dispatcher) -> proj. With
-                         RMSNorm q_norm / k_norm, qk-norm and RoPE run as one `qk_norm_rope` op (patch_jit patches
-                         only those attentions; patch_dit patches every attention, running other q/k norms and the
-                         rotary module as the model's modules)
+                         RMSNorm (JiT, LightningDiT) or LayerNorm (timm, REPA) q_norm / k_norm, qk-norm and RoPE run
+                         as one `qk_norm_rope` / `qk_layernorm_rope` op (patch_jit patches only those attentions;
+                         patch_dit patches every attention, running the model's rotary module itself where there
+                         is no qk-norm to fuse)
     norm + modulate      every `modulate(norm(x), shift, scale)` in the blocks and the final layer runs as one
                          `layernorm_modulate` / `rmsnorm_modulate` op; the residual adds stay separate
     fuse_residual        every residual add is fused with the norm that follows it: inside a block `x + gate_msa·attn`
@@ -147,11 +148,11 @@ def patch_jit(model: nn.Module, *, fuse_residual: bool = True, fuse_qk_rope: boo
     norm that follows, inside each block and across blocks — except into block `in_context_start` (it sees the
     class tokens prepended) and into the final layer when class tokens are in use (it sees them cut off).
 
-    With fuse_qk_rope, each attention with RMSNorm `q_norm` / `k_norm` runs qkv -> `qk_norm_rope` (both norms and
-    the rope in one pass) -> the attention dispatcher -> proj; the rope it gets — (cos, sin) tables or a rotary
-    module, checked against the op now — is read into the op's tables. An attention without such q/k norms keeps its
-    forward. Activation checkpointing, wrapping and sharding behave as for `patch_dit`; `unpatch_dit` /
-    `is_dit_patched` undo and detect this patch too.
+    With fuse_qk_rope, each attention with RMSNorm (or LayerNorm) `q_norm` / `k_norm` runs qkv -> `qk_norm_rope`
+    (both norms and the rope in one pass) -> the attention dispatcher -> proj; the rope it gets — (cos, sin) tables
+    or a rotary module, checked against the op now — is read into the op's tables. An attention without such q/k
+    norms keeps its forward. Activation checkpointing, wrapping and sharding behave as for `patch_dit`;
+    `unpatch_dit` / `is_dit_patched` undo and detect this patch too.
     """
     _check_bools("patch_jit", fuse_residual=fuse_residual, fuse_qk_rope=fuse_qk_rope)
     options = ("jit", fuse_residual, fuse_qk_rope)
@@ -181,7 +182,7 @@ class PatchReport:
 
     patch: str
     blocks: int
-    attentions_fused_qk: int      # q/k RMSNorms (and the rope) as one qk_norm_rope op, then the dispatcher
+    attentions_fused_qk: int      # q/k norms (and the rope) as one qk_norm_rope op, then the dispatcher
     attentions_dispatched: int    # every patched attention: through the attention dispatcher
     norm_sites: int               # modulate(norm(x)) sites: 2 per block and the final layer's
     norm_sites_fused: int         # of them, run as one fused norm + modulate op

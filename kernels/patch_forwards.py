@@ -15,8 +15,8 @@ from .attention import attention as dispatch_attention
 from .layernorm_modulate import gated_residual_layernorm_modulate, layernorm_modulate
 from .patch_chain import Consumer, ResidualChain
 from .patch_rotary import RopeReader
-from .patch_structure import AdaLNLayout, AttentionPlan, ExtraArgument, eps_attribute
-from .qk_norm_rope import qk_norm_rope
+from .patch_structure import RMS, AdaLNLayout, AttentionPlan, ExtraArgument, eps_attribute
+from .qk_norm_rope import qk_layernorm_rope, qk_norm_rope
 from .rmsnorm_modulate import gated_residual_rmsnorm_modulate, rmsnorm_modulate
 
 
@@ -93,9 +93,9 @@ def fused_attention_forward(attn: nn.Module, plan: AttentionPlan, ropes: RopeRea
     """Self-attention through the dispatcher: x (B, T, D)[, rope] -> (B, T, D).
 
     qkv -> q, k, v -> the attention dispatcher (with the model's `scale`, default 1/sqrt(Dh)) -> [norm] -> proj
-    [-> proj_drop]. With RMSNorm q_norm / k_norm (plan.fused_qk) the qk-norms and the rope run as one
-    `qk_norm_rope` op from the packed projection (weights and eps read at every call); otherwise the model's
-    q_norm / k_norm modules and rotary module run as the model runs them.
+    [-> proj_drop]. With RMSNorm or LayerNorm q_norm / k_norm (plan.qk_norm) the qk-norms and the rope run as one
+    `qk_norm_rope` / `qk_layernorm_rope` op from the packed projection (weights, biases and eps read at every
+    call); otherwise the model's q_norm / k_norm modules and rotary module run as the model runs them.
 
     The model's own forward runs instead where this one would compute something else: a rope it does not know
     (warned), attention dropout in training (plan.dropout_fallback), q_norm and k_norm with different eps.
@@ -111,11 +111,15 @@ def fused_attention_forward(attn: nn.Module, plan: AttentionPlan, ropes: RopeRea
         return type(attn).forward(attn, x, *args, **kwargs)
     B, T, _ = x.shape
     qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, -1)                  # (B, T, 3, H, Dh)
-    if plan.fused_qk:
+    if plan.qk_norm == RMS:
         # eps from qkv: an nn.RMSNorm(eps=None) uses the machine epsilon of the dtype it normalizes (q's, under
         # autocast not x's).
         (q_weight, eps), (k_weight, _) = rmsnorm_args(attn.q_norm, qkv), rmsnorm_args(attn.k_norm, qkv)
         q, k, v = qk_norm_rope(qkv, q_weight, k_weight, *tables, eps)        # 3 x (B, H, T, Dh)
+    elif plan.qk_norm is not None:  # LayerNorms
+        q_norm, k_norm = attn.q_norm, attn.k_norm
+        q, k, v = qk_layernorm_rope(qkv, q_norm.weight, q_norm.bias, k_norm.weight, k_norm.bias, *tables,
+                                    q_norm.eps)
     else:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # 3 x (B, H, T, Dh), views
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)

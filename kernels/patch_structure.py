@@ -10,9 +10,10 @@ What is taken:
     adaLN             6 chunks (shift, scale, gate for attention and MLP, DiT) or 4 (scale, gate for each, no shift:
                       LightningDiT's wo_shift); the final layer's 2 (shift, scale)
     norms             LayerNorms without affine parameters (patch_dit) or RMSNorms (patch_jit)
-    attention         qkv, proj, num_heads; q_norm / k_norm RMSNorms -> the fused qk-norm + RoPE op, other q/k norms
-                      (LayerNorm, none) are run as the model's modules; rope as (cos, sin) tables or a rotary module
-                      (`patch_rotary`), checked against the op here
+    attention         qkv, proj, num_heads; q_norm / k_norm both RMSNorms or both LayerNorms over the head dim -> the
+                      fused qk-norm + RoPE op (`qk_norm_rope` / `qk_layernorm_rope`), other q/k norms (none, mixed)
+                      run as the model's modules; rope as (cos, sin) tables or a rotary module (`patch_rotary`),
+                      checked against the op here
 """
 import inspect
 from dataclasses import dataclass, field
@@ -44,6 +45,21 @@ def eps_attribute(norm: nn.Module):
     """An RMSNorm's eps as configured (None: the input dtype's machine epsilon)."""
     eps = getattr(norm, "eps", None)
     return eps if eps is not None else getattr(norm, "variance_epsilon", None)
+
+
+def is_head_layernorm(norm) -> bool:
+    """An nn.LayerNorm over the last dim (timm's qk-norm), with or without weight and bias."""
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+
+
+def qk_norm_kind(attn: nn.Module) -> Optional[str]:
+    """RMS or LAYER when q_norm and k_norm are both of a kind the fused op computes, else None."""
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if is_rmsnorm(q_norm) and is_rmsnorm(k_norm):
+        return RMS
+    if is_head_layernorm(q_norm) and is_head_layernorm(k_norm):
+        return LAYER
+    return None
 
 
 def _norm_width(norm) -> Optional[int]:
@@ -164,14 +180,18 @@ def _extra_parameter(module: nn.Module, path: str, inputs: int, who: str) -> Opt
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """How one attention is patched: fused_qk — RMSNorm q_norm/k_norm through the qk-norm + RoPE op (else the
-    model's q_norm/k_norm modules and rope module, then the dispatcher); dropout_fallback — in training with
-    attention dropout (p > 0 at call time), the model's own forward runs (patch_jit; patch_dit refuses models
-    with attention dropout)."""
+    """How one attention is patched: qk_norm — RMS or LAYER: q_norm/k_norm and the rope through the fused
+    qk-norm + RoPE op; None: the model's q_norm/k_norm modules and rotary module, then the dispatcher.
+    dropout_fallback — in training with attention dropout (p > 0 at call time), the model's own forward runs
+    (patch_jit; patch_dit refuses models with attention dropout)."""
 
     extra: ExtraArgument
-    fused_qk: bool
+    qk_norm: Optional[str]
     dropout_fallback: bool  # read attn.attn_drop at every call (patch_jit)
+
+    @property
+    def fused_qk(self) -> bool:
+        return self.qk_norm is not None
 
 
 @dataclass
@@ -216,11 +236,11 @@ def _adaln_layout(module: nn.Module, path: str, width: Optional[int], allowed: t
 def _plan_attention(attn: nn.Module, path: str, who: str, replace: bool,
                     fused_only: bool) -> tuple[Optional[AttentionPlan], str]:
     """(plan or None to keep the model's forward, a note on what runs)."""
-    fused_qk = is_rmsnorm(getattr(attn, "q_norm", None)) and is_rmsnorm(getattr(attn, "k_norm", None))
+    kind = qk_norm_kind(attn)
     if not replace:
         return None, "the model's own attention (not patched)"
-    if fused_only and not fused_qk:
-        return None, "the model's own attention: no RMSNorm q_norm/k_norm for the fused qk-norm + RoPE op"
+    if fused_only and kind is None:
+        return None, "the model's own attention: no RMSNorm/LayerNorm q_norm and k_norm for the fused qk-norm op"
     _require(attn, path, who, "qkv", "proj", "num_heads")
     if getattr(attn, "gate", None) is not None:
         raise ValueError(f"{who}: `{path}.gate` (gated attention) is not supported")
@@ -228,10 +248,10 @@ def _plan_attention(attn: nn.Module, path: str, who: str, replace: bool,
     if dropout and not fused_only:
         raise ValueError(f"{who}: `{path}.attn_drop` has p > 0; the attention dispatch has no dropout")
     param = _extra_parameter(attn, path, 1, who)
-    plan = interned(AttentionPlan(interned(ExtraArgument(param.name if param else None)), fused_qk, fused_only))
+    plan = interned(AttentionPlan(interned(ExtraArgument(param.name if param else None)), kind, fused_only))
     q_norm = getattr(attn, "q_norm", None)
-    if fused_qk:
-        note = "fused qk-norm (+ RoPE) op, attention dispatcher"
+    if kind is not None:
+        note = f"fused qk-norm ({type(q_norm).__name__}) (+ RoPE) op, attention dispatcher"
     elif q_norm is None or isinstance(q_norm, nn.Identity):
         note = "attention dispatcher (no qk-norm to fuse; a rope runs as the model's module)"
     else:
@@ -244,7 +264,8 @@ def _plan_attention(attn: nn.Module, path: str, who: str, replace: bool,
 
 def plan_model(model: nn.Module, who: str, norm: Optional[str], attention: bool, fused_qk_only: bool) -> ModelPlan:
     """Read `model` for `who` ('patch_dit' / 'patch_jit'). norm: LAYER or RMS to patch the norm sites, None to leave
-    them; attention: replace attentions; fused_qk_only: replace only those with RMSNorm q_norm/k_norm (patch_jit).
+    them; attention: replace attentions; fused_qk_only: replace only those whose q_norm/k_norm the fused op
+    computes (patch_jit).
     Raises TypeError / ValueError (naming the module and what did not fit) without changing anything."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: model must be an nn.Module, got {type(model).__name__}")

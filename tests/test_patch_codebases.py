@@ -83,7 +83,7 @@ def fast_dit(use_reentrant):
 CASES = {
     "DiT": Case(lambda: DiTStyle(8, 2, 4, 64, 2, 4, 10, learn_sigma=True), patch_dit, 0, 2),
     "REPA": Case(lambda: repa_style(qk_norm=False), patch_dit, 0, 3),
-    "REPA qk-norm": Case(lambda: repa_style(qk_norm=True), patch_dit, 0, 3),
+    "REPA qk-norm": Case(lambda: repa_style(qk_norm=True), patch_dit, 3, 3),
     "fast-DiT": Case(lambda: fast_dit(False), patch_dit, 0, 2, recomputed=True),
     "fast-DiT reentrant": Case(lambda: fast_dit(True), patch_dit, 0, 2, recomputed=True),
     "LightningDiT": Case(lambda: LightningDiTStyle(), patch_jit, 0, 0),  # released: no qk-norm
@@ -96,13 +96,13 @@ CASES = {
     "LightningDiT LayerNorm": Case(lambda: LightningDiTStyle(use_rmsnorm=False, use_swiglu=False),
                                    patch_dit, 0, 2),
     "LightningDiT LayerNorm qk-norm": Case(lambda: LightningDiTStyle(use_rmsnorm=False, use_qknorm=True),
-                                           patch_dit, 0, 2),
+                                           patch_dit, 2, 2),
     "LightningDiT LayerNorm wo_shift": Case(lambda: LightningDiTStyle(use_rmsnorm=False, wo_shift=True),
                                             patch_dit, 0, 2),
     "JiT": Case(lambda: JiTStyle(), patch_jit, 4, 4, channels=3),
 }
 INTERPRETER_CASES = ["DiT", "REPA qk-norm", "fast-DiT reentrant", "LightningDiT", "LightningDiT qk-norm",
-                     "LightningDiT LayerNorm wo_shift", "JiT"]
+                     "LightningDiT LayerNorm qk-norm", "LightningDiT LayerNorm wo_shift", "JiT"]
 
 
 def inputs(case, dtype=torch.float32, batch=2):
@@ -158,6 +158,7 @@ class OpCounter(TorchDispatchMode):
 
 NORM_OPS = ("layernorm_modulate", "gated_residual_layernorm_modulate", "rmsnorm_modulate",
             "gated_residual_rmsnorm_modulate")
+QK_OPS = ("qk_norm_rope", "qk_layernorm_rope")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,8 +183,8 @@ def test_patched_model_equals_unpatched_in_float64_and_fuses_every_site(name, mo
     sites = 2 * depth + 1
     assert counter.count("fwd", *NORM_OPS) == sites + (runs - 1) * 2 * depth  # every adaLN norm site, fused
     assert counter.count("bwd", *NORM_OPS) == sites
-    assert counter.count("fwd", "qk_norm_rope") == runs * case.qk_fused
-    assert counter.count("bwd", "qk_norm_rope") == case.qk_fused
+    assert counter.count("fwd", *QK_OPS) == runs * case.qk_fused
+    assert counter.count("bwd", *QK_OPS) == case.qk_fused
     assert counter.counts["attention_dispatch"] == runs * case.dispatched
     report = patch_report(patched)
     assert (report.blocks, report.attentions_fused_qk, report.attentions_dispatched) == (depth, case.qk_fused,
@@ -229,11 +230,11 @@ def test_jit_dropout_in_training_draws_the_same_masks(monkeypatch):
         with OpCounter(monkeypatch) as counter:
             got = outputs_and_grads(patched, x, t, y)
         assert_same(got, want, FP64)
-        assert counter.count("fwd", "qk_norm_rope") == fused_in_training
+        assert counter.count("fwd", *QK_OPS) == fused_in_training
         patched.eval()
         with OpCounter(monkeypatch) as counter, torch.no_grad():
             patched(x, t, y)
-        assert counter.count("fwd", "qk_norm_rope") == 4
+        assert counter.count("fwd", *QK_OPS) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,7 +416,7 @@ def test_patch_report_counts_and_names_what_runs():
     assert "norm + modulate: 9/9 sites fused" in text
     assert "rope: model.feat_rope, model.feat_rope_incontext" in text
     released = patch_report(patch_jit(randomize_(LightningDiTStyle())))
-    assert released.attentions_fused_qk == 0 and "no RMSNorm q_norm/k_norm" in str(released)
+    assert released.attentions_fused_qk == 0 and "no RMSNorm/LayerNorm q_norm and k_norm" in str(released)
 
 
 # ---------------------------------------------------------------------------------------------------------------

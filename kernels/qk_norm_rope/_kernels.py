@@ -1,4 +1,5 @@
-"""Triton kernels and launchers for JiT's attention prologue: per-head RMSNorm of q and k (qk-norm), then RoPE.
+"""Triton kernels and launchers for JiT's attention prologue: per-head RMSNorm of q and k (qk-norm), then RoPE
+(and the same with a per-head LayerNorm, the qk-norm of timm/REPA/LightningDiT's LayerNorm models: IS_LAYER_NORM).
 
 The packed projection qkv (B, T, 3, H, Dh), contiguous, is read as a matrix of B·T·3·H *head rows* of Dh values:
 head row s holds token s // 3H, part (s // H) % 3 (0: q, 1: k, 2: v), head s % H. One grid over all head rows
@@ -6,6 +7,7 @@ serves q, k and v alike, so every program reads one contiguous span of qkv.
 
 Forward, per head row x (Dh values, all arithmetic fp32):
     q, k rows:  y = R_t (x·rstd·w),  rstd = 1/sqrt(mean_Dh(x²) + eps),  w = q_weight or k_weight (or 1)
+                LayerNorm: x centred first (x − mean_Dh(x)), and + b (q_bias or k_bias) after w
     v rows:     y = x
 R_t rotates the channel pairs (2j, 2j + 1) by the angle of token t = token % T: (a, b) -> (a·cos − b·sin,
 b·cos + a·sin), cos/sin read from the (T, Dh/2) tables. A tile of head rows is reshaped to (rows, Dh/2, 2) and split
@@ -86,10 +88,31 @@ def _load_rope_tables(COS, SIN, t, row_mask, Dh, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _centred(x, col_mask, Dh):
+    """x − its mean over the Dh real lanes of each row (LayerNorm); padded lanes stay 0."""
+    mean = tl.sum(x, axis=1) / Dh
+    return tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+
+
+@triton.jit
+def _load_pair(QP, KP, cols, col_mask, absent, HAS_Q: tl.constexpr, HAS_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The q and k (Dh,) parameter rows in fp32 (a weight or a bias); `absent` where there is none, 0 on padding."""
+    q = tl.full([BLOCK_D], absent, tl.float32)
+    k = tl.full([BLOCK_D], absent, tl.float32)
+    if HAS_Q:
+        q = tl.load(QP + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_K:
+        k = tl.load(KP + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return q, k
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(
     QKV,  # (B·T·3·H, Dh) head rows, contiguous
     QW,  # (Dh,) q_norm weight (only read if HAS_Q_WEIGHT)
     KW,  # (Dh,) k_norm weight (only read if HAS_K_WEIGHT)
+    QB,  # (Dh,) q_norm bias (only read if HAS_Q_BIAS)
+    KB,  # (Dh,) k_norm bias (only read if HAS_K_BIAS)
     COS,  # (T, Dh/2) cos of each pair's angle, contiguous (only read if HAS_ROPE)
     SIN,  # (T, Dh/2) sin
     Q,  # output (B·T·H, Dh): q in (B, T, H, Dh) memory order
@@ -102,6 +125,9 @@ def _qk_norm_rope_fwd_kernel(
     eps,
     HAS_Q_WEIGHT: tl.constexpr,
     HAS_K_WEIGHT: tl.constexpr,
+    HAS_Q_BIAS: tl.constexpr,
+    HAS_K_BIAS: tl.constexpr,
+    IS_LAYER_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     BLOCK_S: tl.constexpr,  # head rows per program
     BLOCK_D: tl.constexpr,  # next power of two >= Dh
@@ -115,14 +141,15 @@ def _qk_norm_rope_fwd_kernel(
     is_q = (part == 0)[:, None]
 
     x = tl.load(QKV + s[:, None] * Dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if IS_LAYER_NORM:  # centre the q and k rows in place; v rows keep their values (one tile fewer held live)
+        mean = tl.sum(x, axis=1) / Dh
+        x = tl.where(col_mask[None, :] & (part < 2)[:, None], x - mean[:, None], x)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / Dh + eps)  # masked lanes hold 0
-    wq = tl.full([BLOCK_D], 1.0, tl.float32)
-    wk = tl.full([BLOCK_D], 1.0, tl.float32)
-    if HAS_Q_WEIGHT:
-        wq = tl.load(QW + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_K_WEIGHT:
-        wk = tl.load(KW + cols, mask=col_mask, other=0.0).to(tl.float32)
+    wq, wk = _load_pair(QW, KW, cols, col_mask, 1.0, HAS_Q_WEIGHT, HAS_K_WEIGHT, BLOCK_D)
     y = x * rstd[:, None] * tl.where(is_q, wq[None, :], wk[None, :])
+    if HAS_Q_BIAS or HAS_K_BIAS:
+        bq, bk = _load_pair(QB, KB, cols, col_mask, 0.0, HAS_Q_BIAS, HAS_K_BIAS, BLOCK_D)
+        y += tl.where(is_q, bq[None, :], bk[None, :])
     if HAS_ROPE:
         cos, sin = _load_rope_tables(COS, SIN, t, row_mask, Dh, BLOCK_D)
         y = _rotate_pairs(y, cos, sin, BLOCK_S, BLOCK_D)
@@ -146,7 +173,8 @@ def _qk_norm_rope_bwd_kernel(
     COS,  # (T, Dh/2) (only read if HAS_ROPE)
     SIN,
     DQKV,  # output (B·T·3·H, Dh), contiguous like QKV
-    DW_PART,  # output (P, 2, Dh) fp32: per-program partial sums of dq_weight (row 0) and dk_weight (row 1)
+    DW_PART,  # output (P, PARTS, Dh) fp32: per-program partial sums of dq_weight (row 0), dk_weight (row 1),
+              # dq_bias (row 2), dk_bias (row 3)
     n_rows,
     H,
     T,
@@ -158,21 +186,22 @@ def _qk_norm_rope_bwd_kernel(
     stride_vb, stride_vh, stride_vt,
     HAS_Q_WEIGHT: tl.constexpr,
     HAS_K_WEIGHT: tl.constexpr,
+    HAS_Q_BIAS: tl.constexpr,
+    HAS_K_BIAS: tl.constexpr,
+    IS_LAYER_NORM: tl.constexpr,
     HAS_ROPE: tl.constexpr,
+    PARTS: tl.constexpr,  # rows of DW_PART per program: 2, or 4 with biases
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < Dh
-    wq = tl.full([BLOCK_D], 1.0, tl.float32)
-    wk = tl.full([BLOCK_D], 1.0, tl.float32)
-    if HAS_Q_WEIGHT:
-        wq = tl.load(QW + cols, mask=col_mask, other=0.0).to(tl.float32)
-    if HAS_K_WEIGHT:
-        wk = tl.load(KW + cols, mask=col_mask, other=0.0).to(tl.float32)
+    wq, wk = _load_pair(QW, KW, cols, col_mask, 1.0, HAS_Q_WEIGHT, HAS_K_WEIGHT, BLOCK_D)
     acc_dwq = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
     acc_dwk = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    acc_dbq = tl.zeros([BLOCK_D], dtype=tl.float32)  # reduced per tile: two fewer tile-sized accumulators
+    acc_dbk = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
@@ -195,6 +224,8 @@ def _qk_norm_rope_bwd_kernel(
 
         rows = s[:, None] * Dh + cols[None, :]
         x = tl.load(QKV + rows, mask=mask & (part < 2)[:, None], other=0.0).to(tl.float32)  # v is not needed
+        if IS_LAYER_NORM:
+            x = _centred(x, col_mask, Dh)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / Dh + eps)
         xhat = x * rstd[:, None]
         dn = dy
@@ -205,16 +236,26 @@ def _qk_norm_rope_bwd_kernel(
             acc_dwq += tl.where(is_q, dn * xhat, 0.0)
         if HAS_K_WEIGHT:
             acc_dwk += tl.where(is_k, dn * xhat, 0.0)
+        if HAS_Q_BIAS:
+            acc_dbq += tl.sum(tl.where(is_q, dn, 0.0), axis=0)
+        if HAS_K_BIAS:
+            acc_dbk += tl.sum(tl.where(is_k, dn, 0.0), axis=0)
         gx = dn * tl.where(is_q, wq[None, :], wk[None, :])
         mean_gx_xhat = tl.sum(gx * xhat, axis=1) / Dh
+        if IS_LAYER_NORM:  # the centring's term: gx − mean(gx) − x̂·mean(gx·x̂)
+            gx -= (tl.sum(gx, axis=1) / Dh)[:, None]
         dx = rstd[:, None] * (gx - xhat * mean_gx_xhat[:, None])
         tl.store(DQKV + rows, tl.where(is_v, dy, dx).to(DQKV.dtype.element_ty), mask=mask)
 
-    part_row = pid.to(tl.int64) * 2 * Dh + cols
+    part_row = pid.to(tl.int64) * PARTS * Dh + cols
     if HAS_Q_WEIGHT:
         tl.store(DW_PART + part_row, tl.sum(acc_dwq, axis=0), mask=col_mask)
     if HAS_K_WEIGHT:
         tl.store(DW_PART + part_row + Dh, tl.sum(acc_dwk, axis=0), mask=col_mask)
+    if HAS_Q_BIAS:
+        tl.store(DW_PART + part_row + 2 * Dh, acc_dbq, mask=col_mask)
+    if HAS_K_BIAS:
+        tl.store(DW_PART + part_row + 3 * Dh, acc_dbk, mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,22 +277,30 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 def qk_norm_rope_fwd(
     qkv: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Optional[Tensor],
     sin: Optional[Tensor], eps: float, *, block_s: Optional[int] = None, num_warps: Optional[int] = None,
+    q_bias: Optional[Tensor] = None, k_bias: Optional[Tensor] = None, layer_norm: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> q, k, v, each (B, H, T, Dh) in qkv's dtype with (B, T, H, Dh) memory order (see the module docstring)."""
+    """-> q, k, v, each (B, H, T, Dh) in qkv's dtype with (B, T, H, Dh) memory order (see the module docstring).
+    layer_norm: LayerNorm qk-norm (q_bias / k_bias (Dh,) or None) instead of RMSNorm (no biases)."""
     B, T, _, H, Dh = qkv.shape
     qkv = qkv.contiguous()
     q, k, v = empty_heads_first(qkv), empty_heads_first(qkv), empty_heads_first(qkv)
     n_rows = B * T * 3 * H
     if n_rows == 0:
         return q, k, v
-    config = row_tile_config(Dh, FWD_TILE_ELEMENTS, max_block_m=128)
+    # The LayerNorm form holds the biases' tile too: half the rows per tile keeps it within the RMSNorm form's
+    # registers (sm_90a at Dh = 72: 96 per thread instead of 169-205 with the full tile, hopper_compile_check.py).
+    config = row_tile_config(Dh, FWD_TILE_ELEMENTS // (2 if layer_norm else 1), max_block_m=128)
     block_s = block_s or config.BLOCK_M
     _qk_norm_rope_fwd_kernel[(cdiv(n_rows, block_s),)](
-        qkv, _optional(q_weight, qkv), _optional(k_weight, qkv), _optional(cos, qkv), _optional(sin, qkv),
+        qkv, _optional(q_weight, qkv), _optional(k_weight, qkv), _optional(q_bias, qkv), _optional(k_bias, qkv),
+        _optional(cos, qkv), _optional(sin, qkv),
         q, k, v,
         n_rows, H, T, Dh, float(eps),
         HAS_Q_WEIGHT=q_weight is not None,
         HAS_K_WEIGHT=k_weight is not None,
+        HAS_Q_BIAS=q_bias is not None,
+        HAS_K_BIAS=k_bias is not None,
+        IS_LAYER_NORM=layer_norm,
         HAS_ROPE=cos is not None,
         BLOCK_S=block_s,
         BLOCK_D=config.BLOCK_D,
@@ -272,6 +321,20 @@ def qk_norm_rope_bwd(
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dq, dk, dv (B, H, T, Dh), any strides. -> dqkv (B, T, 3, H, Dh) contiguous in qkv's dtype; dq_weight,
     dk_weight (Dh,) fp32 (None without that weight)."""
+    dqkv, dq_weight, dk_weight, _, _ = qk_layernorm_rope_bwd(
+        dq, dk, dv, qkv, q_weight, None, k_weight, None, cos, sin, eps, block_s=block_s, num_warps=num_warps,
+        rows_per_program=rows_per_program, layer_norm=False)
+    return dqkv, dq_weight, dk_weight
+
+
+def qk_layernorm_rope_bwd(
+    dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_weight: Optional[Tensor], q_bias: Optional[Tensor],
+    k_weight: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
+    *, block_s: Optional[int] = None, num_warps: Optional[int] = None, rows_per_program: Optional[int] = None,
+    layer_norm: bool = True,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The backward of the LayerNorm form (layer_norm=False: RMSNorm, without biases). -> dqkv (B, T, 3, H, Dh)
+    contiguous in qkv's dtype; dq_weight, dk_weight, dq_bias, dk_bias (Dh,) fp32 (None where there is none)."""
     B, T, _, H, Dh = qkv.shape
     qkv = qkv.contiguous()
     dq, dk, dv = _unit_last_stride(dq), _unit_last_stride(dk), _unit_last_stride(dv)
@@ -285,27 +348,31 @@ def qk_norm_rope_bwd(
     num_programs = max(cdiv(n_rows, rows_per_program), 1)
 
     dqkv = torch.empty_like(qkv)
-    has_weight = q_weight is not None or k_weight is not None
+    params = (q_weight, k_weight, q_bias, k_bias)
+    has_params = any(p is not None for p in params)
+    n_parts = 4 if q_bias is not None or k_bias is not None else 2
     # Every program writes its full partial rows, so only an empty problem needs zeros.
     alloc = torch.empty if n_rows > 0 else torch.zeros
-    parts = alloc((num_programs, 2, Dh), dtype=torch.float32, device=qkv.device) if has_weight else None
+    parts = alloc((num_programs, n_parts, Dh), dtype=torch.float32, device=qkv.device) if has_params else None
     if n_rows > 0:
         _qk_norm_rope_bwd_kernel[(num_programs,)](
             dq, dk, dv, qkv, _optional(q_weight, qkv), _optional(k_weight, qkv), _optional(cos, qkv),
-            _optional(sin, qkv), dqkv, parts if has_weight else dqkv,
+            _optional(sin, qkv), dqkv, parts if has_params else dqkv,
             n_rows, H, T, Dh, float(eps), rows_per_program,
             dq.stride(0), dq.stride(1), dq.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             HAS_Q_WEIGHT=q_weight is not None,
             HAS_K_WEIGHT=k_weight is not None,
+            HAS_Q_BIAS=q_bias is not None,
+            HAS_K_BIAS=k_bias is not None,
+            IS_LAYER_NORM=layer_norm,
             HAS_ROPE=cos is not None,
+            PARTS=n_parts,
             BLOCK_S=block_s,
             BLOCK_D=config.BLOCK_D,
             num_warps=num_warps or config.num_warps,
         )  # fmt: skip
-    # The second stage of the deterministic reduction: one sum per weight (separate tensors, so the op's outputs
+    # The second stage of the deterministic reduction: one sum per parameter (separate tensors, so the op's outputs
     # do not alias each other).
-    dq_weight = parts[:, 0].sum(dim=0) if q_weight is not None else None
-    dk_weight = parts[:, 1].sum(dim=0) if k_weight is not None else None
-    return dqkv, dq_weight, dk_weight
+    return (dqkv,) + tuple(parts[:, row].sum(dim=0) if p is not None else None for row, p in enumerate(params))

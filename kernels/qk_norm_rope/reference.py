@@ -6,6 +6,9 @@ JiT's attention prologue on the packed projection qkv (B, T, 3, H, Dh):
     q̂ = q·rstd_q·w_q,   rstd_q = 1/sqrt(mean_Dh(q²) + eps)    (RMSNorm over each head's Dh channels; k alike)
     q' = R_t q̂                                            (RoPE: rotate channel pairs by the angles of token t)
 
+The LayerNorm form (`layer_norm=True`: the qk-norm of timm's Attention, REPA, LightningDiT's LayerNorm models)
+centres each head row first and adds a bias: q̂ = (q − mean_Dh(q))·rstd·w_q + b_q, rstd from the centred row.
+
 R_t rotates each consecutive channel pair (2j, 2j + 1) by the angle whose cos/sin are cos[t, j], sin[t, j]:
 (a, b) -> (a·cos − b·sin, b·cos + a·sin) — the interleaved layout of `coredi_fast.models.rope` (JiT's). Prefix
 tokens carry cos = 1, sin = 0 in the tables, so the op needs no prefix count. v passes through unchanged.
@@ -32,10 +35,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
-    """x (..., Dh) in the compute dtype -> x·rstd·weight."""
+def _norm(x: Tensor, weight: Optional[Tensor], eps: float, bias: Optional[Tensor] = None,
+          layer_norm: bool = False) -> Tensor:
+    """x (..., Dh) in the compute dtype -> x·rstd·weight (+ bias); layer_norm: x centred first."""
+    if layer_norm:
+        x = x - x.mean(dim=-1, keepdim=True)
     normed = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
-    return normed * weight.to(x.dtype) if weight is not None else normed
+    if weight is not None:
+        normed = normed * weight.to(x.dtype)
+    return normed + bias.to(x.dtype) if bias is not None else normed
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
@@ -71,9 +79,11 @@ def empty_heads_first(qkv: Tensor) -> Tensor:
 
 def qk_norm_rope_ref(
     qkv: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Optional[Tensor],
-    sin: Optional[Tensor], eps: float = 1e-6,
+    sin: Optional[Tensor], eps: float = 1e-6, *, q_bias: Optional[Tensor] = None, k_bias: Optional[Tensor] = None,
+    layer_norm: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """qkv (B, T, 3, H, Dh); weights (Dh,) or None; cos, sin (T, Dh/2) or both None (no rotation).
+    """qkv (B, T, 3, H, Dh); weights (Dh,) or None; cos, sin (T, Dh/2) or both None (no rotation); layer_norm: the
+    LayerNorm form with biases (Dh,) or None.
 
     -> q, k, v, each (B, H, T, Dh) in qkv's dtype (v is a view of qkv). Statistics and rotation run in float32
     (float64 for float64 qkv), with one rounding to qkv's dtype at the end.
@@ -81,8 +91,8 @@ def qk_norm_rope_ref(
     cd = compute_dtype(qkv.dtype)
     q, k, v = qkv.unbind(2)
     outputs = []
-    for x, weight in ((q, q_weight), (k, k_weight)):
-        y = _rms_norm(x.to(cd), weight, eps)
+    for x, weight, bias in ((q, q_weight, q_bias), (k, k_weight, k_bias)):
+        y = _norm(x.to(cd), weight, eps, bias, layer_norm)
         if cos is not None:
             y = _rotate(y, cos, sin)
         outputs.append(_heads_first(y.to(qkv.dtype)))
@@ -96,11 +106,13 @@ def qk_norm_rope_ref(
 
 def qk_norm_rope_fwd_torch(
     qkv: Tensor, q_weight: Optional[Tensor], k_weight: Optional[Tensor], cos: Optional[Tensor],
-    sin: Optional[Tensor], eps: float,
+    sin: Optional[Tensor], eps: float, *, q_bias: Optional[Tensor] = None, k_bias: Optional[Tensor] = None,
+    layer_norm: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> q, k, v (B, H, T, Dh) in qkv's dtype, each a transposed view of its own contiguous (B, T, H, Dh) buffer
     (v a copy: the op's outputs may not alias its input)."""
-    q, k, _ = qk_norm_rope_ref(qkv, q_weight, k_weight, cos, sin, eps)
+    q, k, _ = qk_norm_rope_ref(qkv, q_weight, k_weight, cos, sin, eps, q_bias=q_bias, k_bias=k_bias,
+                               layer_norm=layer_norm)
     # clone, not contiguous(): an empty v counts as contiguous and would come back as a view of qkv
     return _op_layout(q), _op_layout(k), _heads_first(qkv[:, :, 2].clone(memory_format=torch.contiguous_format))
 
@@ -117,8 +129,23 @@ def qk_norm_rope_bwd_torch(
     rstd is recomputed from qkv (cheaper than storing it: the backward reads the whole row anyway).
     -> dqkv (B, T, 3, H, Dh) in qkv's dtype; dq_weight, dk_weight (Dh,) in the compute dtype (None without weight).
     """
+    dqkv, dq_weight, dk_weight, _, _ = qk_layernorm_rope_bwd_torch(dq, dk, dv, qkv, q_weight, None, k_weight, None,
+                                                                   cos, sin, eps, layer_norm=False)
+    return dqkv, dq_weight, dk_weight
+
+
+def qk_layernorm_rope_bwd_torch(
+    dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_weight: Optional[Tensor], q_bias: Optional[Tensor],
+    k_weight: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor], eps: float,
+    layer_norm: bool = True,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The backward of the LayerNorm form (layer_norm=False: the RMSNorm one, without biases): with x centred,
+    dx = rstd·(gx − mean_Dh(gx) − x̂·mean_Dh(gx·x̂)) and db = Σ_{b,t,h} dn. -> dqkv (B, T, 3, H, Dh) in qkv's
+    dtype; dq_weight, dk_weight, dq_bias, dk_bias (Dh,) in the compute dtype (None where there is none)."""
     cd = compute_dtype(qkv.dtype)
     x = qkv[:, :, :2].to(cd)                                                    # (B, T, 2, H, Dh)
+    if layer_norm:
+        x = x - x.mean(dim=-1, keepdim=True)
     dy = torch.stack((dq.transpose(1, 2), dk.transpose(1, 2)), dim=2).to(cd)  # (B, T, 2, H, Dh)
     rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
     xhat = x * rstd
@@ -126,9 +153,10 @@ def qk_norm_rope_bwd_torch(
     ones = x.new_ones(x.shape[-1])
     w = torch.stack([ones if p is None else p.to(cd) for p in (q_weight, k_weight)])  # (2, Dh)
     gx = dn * w[:, None, :]                                                     # w broadcast over (2, H, Dh)
-    dx = rstd * (gx - xhat * (gx * xhat).mean(dim=-1, keepdim=True))
+    centred_gx = gx - gx.mean(dim=-1, keepdim=True) if layer_norm else gx
+    dx = rstd * (centred_gx - xhat * (gx * xhat).mean(dim=-1, keepdim=True))
     dqkv = torch.cat((dx.to(qkv.dtype), dv.transpose(1, 2).unsqueeze(2).to(qkv.dtype)), dim=2)
-    dw = (dn * xhat).sum(dim=(0, 1, 3))                                         # (2, Dh)
-    dq_weight = dw[0].clone() if q_weight is not None else None  # clones: the op's outputs may not alias each other
-    dk_weight = dw[1].clone() if k_weight is not None else None
-    return dqkv, dq_weight, dk_weight
+    dw, db = (dn * xhat).sum(dim=(0, 1, 3)), dn.sum(dim=(0, 1, 3))             # (2, Dh) each
+    # clones: the op's outputs may not alias each other
+    return (dqkv,) + tuple(g.clone() if p is not None else None
+                           for g, p in ((dw[0], q_weight), (dw[1], k_weight), (db[0], q_bias), (db[1], k_bias)))
