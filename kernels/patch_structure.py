@@ -143,7 +143,7 @@ class ExtraArgument:
                 raise TypeError(f"forward() got unexpected arguments after its inputs: {len(args)} positional, "
                                 f"keywords {sorted(kwargs)}")
             return None
-        if len(args) > 1 or (args and kwargs) or set(kwargs) - {self.name}:
+        if len(args) > 1 or (args and kwargs) or (kwargs and set(kwargs) - {self.name}):
             raise TypeError(f"forward() takes one argument `{self.name}` after its inputs, got {len(args)} "
                             f"positional and keywords {sorted(kwargs)}")
         return args[0] if args else kwargs.get(self.name)
