@@ -15,6 +15,7 @@ from typing import Callable
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -260,6 +261,33 @@ def test_blocks_whose_forward_is_torch_compiled_as_in_lightningdit():
     patched = patch_jit(copy.deepcopy(model))
     assert patch_report(patched).attentions_fused_qk == 2
     assert_same(outputs_and_grads(patched, x, t, y), want, FP64)
+
+
+@pytest.mark.parametrize("name, build, graphs", [
+    ("LightningDiT qk-norm", lambda: LightningDiTStyle(use_qknorm=True, depth=6), 3),  # first, middle, last
+    ("JiT", lambda: JiTStyle(depth=6), 4),  # and the block the class tokens join (more tokens)
+])
+def test_per_block_compile_of_a_patched_model_with_a_rotary_module(name, build, graphs):
+    """`block.compile()` after patching (LightningDiT compiles its blocks): the rope module is read inside the
+    compiled region, the blocks share their graphs whatever the depth (dynamo fails instead of falling back at the
+    recompile limit), and the model computes what the unpatched one does."""
+    model = randomize_(build())
+    x, t, y = inputs(CASES[name])
+    want = outputs_and_grads(model, x, t, y)
+    patched = patch_jit(copy.deepcopy(model))
+    compiled = []
+
+    def count_graphs(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    for block in patched.blocks:
+        block.compile(backend=count_graphs)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for _ in range(2):
+            got = outputs_and_grads(patched, x, t, y)
+    assert_same(got, want, FP32_INTERPRETER)
+    assert len(compiled) == graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------
