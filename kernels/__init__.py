@@ -1,13 +1,15 @@
 """coredi_kernels: fused Triton ops for DiT/SiT training, usable on their own (needs only torch and triton).
 
-    from coredi_kernels import patch_dit
-    patch_dit(model)        # SiT/DiT/REPA/ReDi-style model: fused LayerNorm+modulate(+gated residual), attention dispatch
+    from coredi_kernels import patch_dit, patch_jit, patch_report
+    patch_dit(model)        # DiT/SiT/REPA/fast-DiT/ReDi: fused LayerNorm+modulate(+gated residual), attention dispatch
+    patch_jit(model)        # JiT/LightningDiT: the same with RMSNorm, fused qk-norm + RoPE (rotary modules read)
+    print(patch_report(model))   # what was fused, counted (docs/drop_in.md)
 
 Ops: `layernorm_modulate`, `gated_residual_layernorm_modulate`, `rmsnorm_modulate`,
 `gated_residual_rmsnorm_modulate`, `qk_norm_rope` (JiT's per-head q/k RMSNorm + 2D RoPE on the packed qkv),
-`joint_embedding` (CoReDi's projection + norm + statistics + resize + noise + patch embedding), `attention`
-(FlashAttention / cuDNN / flash / efficient SDPA / xformers / math, with `explain_attention` saying why each was or
-was not chosen).
+`qk_layernorm_rope` (the same with LayerNorm q/k norms), `joint_embedding` (CoReDi's projection + norm +
+statistics + resize + noise + patch embedding), `attention` (FlashAttention / cuDNN / flash / efficient SDPA /
+xformers / math, with `explain_attention` saying why each was or was not chosen).
 
 Every op runs its Triton kernels on CUDA tensors and the same math in PyTorch elsewhere; `force_backend` or the
 environment variable COREDI_KERNELS_BACKEND (triton | torch | auto) overrides the choice.
