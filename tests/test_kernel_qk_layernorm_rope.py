@@ -179,3 +179,22 @@ def test_bad_inputs_raise_errors_naming_the_argument():
     inputs = make_inputs(8)
     with pytest.raises(ValueError, match="qk_layernorm_rope: eps must be > 0"):
         qk_layernorm_rope(*(inputs[k] for k in NAMES), 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, TOL), (torch.bfloat16, dict(atol=5e-2, rtol=5e-2))],
+                         ids=["float32", "bfloat16"])
+def test_gpu_default_tiles_match_the_oracle(dtype, tol):
+    """The launchers' own tiles and program counts on a GPU, at a LightningDiT/REPA-XL head size (Dh = 72)."""
+    inputs = {k: v.cuda() if v is not None else None for k, v in make_inputs(72).items()}
+    inputs["qkv"] = inputs["qkv"].to(dtype)
+    cots = [c.cuda().to(dtype) for c in cotangents(72)]
+    with force_backend("triton"):
+        got = qk_layernorm_rope(*(inputs[k] for k in NAMES), EPS)
+        got_grads = grads(lambda *a: qk_layernorm_rope(*a, EPS), inputs, cots)
+    want = oracle(*float64(inputs).values())
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), w, **tol)
+    want_grads = grads(oracle, float64(inputs), [c.double() for c in cots])
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name].double(), want_grads[name], **tol, msg=name)
