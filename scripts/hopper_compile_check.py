@@ -47,6 +47,7 @@ import _hopper_target as target
 B_SIT, T_TOKENS = 128, 256  # batch and tokens of the norm / qk-norm cases
 NORM_MODELS = {"sit-xl2": 1152, "jit-b16": 768, "jit-h16": 1280}  # model -> width D
 QK_MODELS = {"jit-b16": (12, 64), "jit-h16": (16, 80)}  # model -> (heads, head dim)
+QK_LAYERNORM_HEADS = (16, 72)  # LightningDiT-XL / REPA SiT-XL --qk-norm: LayerNorm qk-norm (+ RoPE in LightningDiT)
 # SiT-XL/2 CoReDi joint embedding: batch, DINOv2 tokens (16x16) x 768, d, VAE latent channels x 32 x 32, patch, hidden.
 JOINT = dict(B=256, L=256, D=768, d=8, C=4, H=32, p=2, hidden=1152)
 NORM_KERNELS = ["_norm_modulate_fwd_kernel", "_norm_modulate_bwd_kernel"]
@@ -143,6 +144,27 @@ def qk_norm_rope_case(model: str, dtype_name: str) -> Case:
     return Case(f"qk_norm_rope/{model}/{dtype_name}", "qk_norm_rope", shape, dtype_name, QK_KERNELS, run)
 
 
+def qk_layernorm_rope_case(dtype_name: str) -> Case:
+    """The LayerNorm form (weight and bias per head channel, IS_LAYER_NORM) at LightningDiT-XL/REPA SiT-XL's heads
+    (16 x 72) with RoPE: the same two kernels, another specialization with its own tiles."""
+    import torch
+    from coredi_kernels.qk_norm_rope import _kernels as qk
+
+    H, Dh = QK_LAYERNORM_HEADS
+    dtype = getattr(torch, dtype_name)
+
+    def run():
+        qkv = torch.empty(B_SIT, T_TOKENS, 3, H, Dh, dtype=dtype)
+        weights = [torch.empty(Dh) for _ in range(4)]  # q weight, q bias, k weight, k bias: fp32 parameters
+        cos, sin = torch.empty(T_TOKENS, Dh // 2), torch.empty(T_TOKENS, Dh // 2)
+        q, k, v = qk.qk_norm_rope_fwd(qkv, weights[0], weights[2], cos, sin, 1e-6, q_bias=weights[1],
+                                      k_bias=weights[3], layer_norm=True)
+        qk.qk_layernorm_rope_bwd(q, k, v, qkv, *weights, cos, sin, 1e-6)
+
+    shape = f"qkv ({B_SIT}, {T_TOKENS}, 3, {H}, {Dh})"
+    return Case(f"qk_layernorm_rope/sit-xl2/{dtype_name}", "qk_layernorm_rope", shape, dtype_name, QK_KERNELS, run)
+
+
 def joint_embedding_case(dtype_name: str, feature_dropout: bool = False, allow_tf32: bool = False) -> Case:
     """The CoReDi joint embedding's four launchers (project, embed, embed_bwd, project_bwd), in the order and with
     the tl.dot precisions the op uses: torch's default TF32 flags (matmul off: 'tf32x3'; cuDNN on: 'tf32'), no
@@ -190,6 +212,7 @@ def all_cases() -> list:
             for op in ("rmsnorm_modulate", "gated_residual_rmsnorm_modulate"):
                 cases.append(norm_modulate_case(op, model, dtype))
         cases += [qk_norm_rope_case(model, dtype) for model in QK_MODELS]
+        cases.append(qk_layernorm_rope_case(dtype))
         cases.append(joint_embedding_case(dtype))
     cases.append(joint_embedding_case("bfloat16", feature_dropout=True, allow_tf32=True))
     return cases

@@ -40,6 +40,7 @@ def expected_cases() -> dict:
                 cases[f"{op}/{model}/{dtype}"] = NORM
         for model in ("jit-b16", "jit-h16"):
             cases[f"qk_norm_rope/{model}/{dtype}"] = QK
+        cases[f"qk_layernorm_rope/sit-xl2/{dtype}"] = QK
         cases[f"joint_embedding/sit-xl2/{dtype}"] = JOINT
     cases["joint_embedding/sit-xl2/bfloat16+keep+tf32"] = JOINT
     return cases

@@ -390,9 +390,10 @@ def test_bad_inputs_raise_errors_naming_the_argument():
 def test_public_api_is_exported():
     # coredi_kernels.qk_norm_rope is the function; the package of the same name is reached through the import system
     package = importlib.import_module("coredi_kernels.qk_norm_rope")
-    assert set(package.__all__) == {"qk_norm_rope", "QKNormRoPE"}
-    assert {"qk_norm_rope", "QKNormRoPE"} <= set(coredi_kernels.__all__)
+    assert set(package.__all__) == {"qk_norm_rope", "qk_layernorm_rope", "QKNormRoPE"}
+    assert {"qk_norm_rope", "qk_layernorm_rope", "QKNormRoPE"} <= set(coredi_kernels.__all__)
     assert coredi_kernels.qk_norm_rope is qk_norm_rope and coredi_kernels.QKNormRoPE is QKNormRoPE
+    assert coredi_kernels.qk_layernorm_rope is package.qk_layernorm_rope
 
 
 # ---------------------------------------------------------------------------------------------------------------

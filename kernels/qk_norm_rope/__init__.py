@@ -9,4 +9,4 @@ Ladder: `_kernels` (one forward and one backward Triton kernel and their launche
 from .module import QKNormRoPE
 from .op import _kernels, qk_layernorm_rope, qk_norm_rope  # noqa: F401 (_kernels: the launchers, for tests)
 
-__all__ = ["QKNormRoPE", "qk_norm_rope"]  # qk_layernorm_rope: exported by coredi_kernels itself
+__all__ = ["QKNormRoPE", "qk_layernorm_rope", "qk_norm_rope"]
