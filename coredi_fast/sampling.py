@@ -452,16 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _strip_prefixes(state_dict: dict) -> dict:
-    """Drop DDP's `module.` and torch.compile's `_orig_mod.` key prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
 def _spec_from_config(config: dict, model_config: dict, args) -> SamplingSpec:
     """Our checkpoint: everything from the stored training config; CLI model flags, if given, must agree."""
     from .training.config import TrainConfig
@@ -566,13 +556,13 @@ def _public_model_config(state_dict: dict, args) -> Tuple[dict, SamplingSpec]:
 def load_sampling_model(args) -> Tuple[nn.Module, SamplingSpec]:
     """Build the denoiser from `args.ckpt` (ours or public) on the CPU and load its (EMA) weights."""
     from .models import create_model
-    from .training.checkpoint import load_denoiser_weights
+    from .training.checkpoint import load_denoiser_weights, strip_wrapper_prefixes
 
     try:
         state_dict, info = load_denoiser_weights(args.ckpt, prefer_ema=args.ema)
     except (FileNotFoundError, ValueError) as e:
         raise SamplingArgumentError(f"--ckpt: {e}") from None
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     # REPA's alignment projectors (`projectors.*`; ReDi+REPA names its one `projector.*`) only serve a training loss.
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("projectors.", "projector."))}
     ours = bool(info.get("model_config") and info.get("config"))

@@ -23,6 +23,7 @@ import argparse
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -130,6 +131,16 @@ def save_checkpoint(out_dir: str | Path, step: int, payload: dict, keep_last: in
     return path
 
 
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """The state dict with DDP's `module.` and torch.compile's `_orig_mod.` key prefixes dropped."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load one of our checkpoints (weights_only=True); clear errors for a missing, foreign or damaged file."""
     path = Path(path)
@@ -138,11 +149,50 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read checkpoint {path}: {_load_failure(e, path)}") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a coredi_fast training checkpoint (no format={FORMAT!r}); "
                          "use `load_denoiser_weights` for SiT/REPA/ReDi checkpoints")
     return blob
+
+
+def read_weights_file(path: str | Path, mmap: bool = False):
+    """torch.load(weights_only=True) of any weights file: tensors, containers, numbers and strings, plus
+    argparse.Namespace (the "args" public training scripts store); any other pickled object is refused unbuilt, so
+    no code in the file runs. mmap: map the tensors instead of reading them (zip files, torch >= 1.6's format:
+    cheap when only a part, or only the shapes, is needed); an older file is then read whole.
+    Raises FileNotFoundError, or ValueError naming the file and what torch refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as e:
+                if not (mmap and "mmap" in str(e)):  # not a zip file: no mapping, read it as it is
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated, corrupt or refused files
+            raise ValueError(f"cannot read checkpoint {path}: {_load_failure(e, path)}") from e
+
+
+def _load_failure(error: Exception, path: Optional[Path] = None) -> str:
+    """One line for why torch.load failed. torch's weights_only refusal is a page that ends in advice to load with
+    weights_only=False (which runs whatever the file holds): keep only what it refused."""
+    text = str(error)
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled {refused.group(1)}, which is not weights; refused without building it "
+                f"(nothing in the file was run)")
+    if "Weights only load failed" in text:
+        body = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        detail = " ".join(body.split("Check the documentation")[0].split())
+        return f"not a weights-only file ({detail[-300:]}); refused without running it"
+    text = f"{type(error).__name__}: {' '.join(text.split())[:300]}"
+    if path is not None and not zipfile.is_zipfile(path):  # torch.save writes zip archives (since torch 1.6)
+        return f"not a whole file written by torch.save ({text})"
+    return text
 
 
 def load_denoiser_weights(path: str | Path, prefer_ema: bool = True) -> tuple[dict, dict]:
@@ -153,13 +203,7 @@ def load_denoiser_weights(path: str | Path, prefer_ema: bool = True) -> tuple[di
     "source" ("coredi_fast" | "public"), "which" ("ema" | "model") and, for ours, "model_config" and "config".
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    blob = read_weights_file(path)
     info: dict = {"source": "coredi_fast" if isinstance(blob, dict) and blob.get("format") == FORMAT else "public"}
     if isinstance(blob, dict) and info["source"] == "coredi_fast":
         info["model_config"] = blob.get("model_config")
