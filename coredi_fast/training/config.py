@@ -44,6 +44,9 @@ class ModelConfig:
     compile_mode: str = "default"     # torch.compile mode; reduce-overhead adds CUDA graphs (static shapes only)
     fused_ops: str = "auto"           # auto (on CUDA) | on | off: coredi_kernels' patch_dit + fused joint embedding
     overrides: dict = field(default_factory=dict)   # extra create_model kwargs (depth=, hidden_size=, ...)
+    init_from: Optional[str] = None   # a fresh run starts from these weights: a ReDi/SiT/REPA training checkpoint,
+                                      # a state dict or one of ours (init_from.py); ignored when the run resumes
+    init_weights: str = "ema"         # ema | model: which of the file's weights, where it holds both
 
 
 @dataclass
@@ -195,6 +198,7 @@ class TrainConfig:
         _choice("model.compile_mode", self.model.compile_mode,
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
         _choice("model.fused_ops", self.model.fused_ops, ("auto", "on", "off"))
+        _choice("model.init_weights", self.model.init_weights, ("ema", "model"))
         if not 0.0 <= self.model.class_dropout_prob < 1.0:
             raise ValueError(f"model.class_dropout_prob must be in [0, 1), got {self.model.class_dropout_prob}")
         _choice("encoder.dtype", self.encoder.dtype, ("bf16", "tf32", "fp32"))

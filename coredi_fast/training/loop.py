@@ -38,6 +38,7 @@ from .distributed import (DistInfo, all_reduce_max, all_reduce_mean, barrier, br
 from .ds_config import load_ds_config
 from .ema import EMA
 from .engine import TrainModule, build_engine, build_optimizer
+from .init_from import init_from_checkpoint, starts_fresh
 from .metrics import MetricsLogger
 from .resume_changes import check_resume_changes, configured_hyperparameters, keep_configured_hyperparameters
 from .run_folder import RunFolder, RunSetupError
@@ -99,6 +100,7 @@ class Trainer:
         self.objective = build_objective(cfg, self.image_channels, self.image_size, self.encoder, statistics, fused)
         self.denoiser = build_denoiser(cfg, self.objective.model_channels, self.image_size,
                                        self.dataset.num_classes, fused)
+        self.initialized_from = self._init_from()  # before the optimizer and the EMA: both start from these weights
         self.module = TrainModule(self.denoiser, self.objective).to(self.device)
         mode = None if cfg.model.compile_mode == "default" else cfg.model.compile_mode
         if cfg.model.compile == "blocks":
@@ -191,6 +193,20 @@ class Trainer:
             logger.info("feature statistics: %d tokens -> %s", int(stats.count), cached)
         return stats
 
+    def _init_from(self) -> bool:
+        """model.init_from on a fresh start (init_from.py); True when weights were loaded. A run that will resume its
+        own checkpoint skips it here (`resume` says so)."""
+        cfg = self.cfg
+        if not cfg.model.init_from or not starts_fresh(cfg):
+            return False
+        try:
+            line = init_from_checkpoint(cfg, self.denoiser, self.objective.projector)
+        except ValueError as error:  # preflight checked it; the file changed since
+            raise RunSetupError(str(error)) from None
+        if self.dist.is_main:
+            print(line, flush=True)
+        return True
+
     def _statistics_source(self) -> dict:
         """What the feature statistics depend on: the data, the encoder and how many batches were read."""
         cfg = self.cfg
@@ -261,6 +277,10 @@ class Trainer:
                 moved = set_aside(bad, why)
                 print(f"resume: skipped {bad.name}: {why}; set aside as {moved.name}", flush=True)
         if blob is None:
+            if candidates and self.cfg.model.init_from and not self.initialized_from:
+                raise RunSetupError(f"run.resume=auto: no checkpoint in {self.out / 'checkpoints'} loads (set aside "
+                                    f"as *.damaged), and model.init_from was not applied because the folder held "
+                                    f"checkpoints: start again to begin a fresh run from model.init_from")
             self.metrics.truncate_after(0)  # a restart before the first checkpoint is the fresh run again
             if self.dist.is_main and candidates:
                 print("resume: no checkpoint loads; starting at step 0", flush=True)
@@ -284,6 +304,9 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+            if self.cfg.model.init_from:
+                print(f"model.init_from ignored: the run continues from its own checkpoint ({path.name}), not from "
+                      f"{self.cfg.model.init_from}", flush=True)
             for name, before, now in changes:
                 print(f"resume: {name} {before!r} -> {now!r}", flush=True)
 

@@ -1,12 +1,13 @@
 """Checks of a training config against the files and packages it names, before anything is written or computed.
 
 `TrainConfig.validate` checks each field alone; what depends on files (the data, the encoder's weights, a
-checkpoint to resume, the DeepSpeed json) or on several parts together (the model's overrides, the data's image
-size against the model's patches and the encoder's grid, the encoder's width against the projector) was found only
-inside the trainer: after the run folder existed and the feature statistics were computed, as a traceback. Here
-each becomes one ValueError naming the field or file, raised before the run folder is touched (train.py prints it
-as one line and exits with status 2). The parts are built cheaply: the data set reads its manifest, the encoder and
-the denoiser are built on the meta device (no weights are read or downloaded, no memory is allocated).
+checkpoint to resume or to start from, the DeepSpeed json) or on several parts together (the model's overrides, the
+data's image size against the model's patches and the encoder's grid, the encoder's width against the projector) was
+found only inside the trainer: after the run folder existed and the feature statistics were computed, as a
+traceback. Here each becomes one ValueError naming the field or file, raised before the run folder is touched
+(train.py prints it as one line and exits with status 2). The parts are built cheaply: the data set reads its
+manifest, the encoder and the denoiser are built on the meta device (no weights are read or downloaded, no memory is
+allocated); the checkpoint of model.init_from is memory-mapped and only its shapes are compared.
 """
 from __future__ import annotations
 
@@ -55,7 +56,21 @@ def preflight(cfg: TrainConfig, ds_config_path: Optional[str] = None) -> None:
     encoder = _encoder_on_meta(cfg, dataset.channels)
     if encoder is not None:
         check_feature_grid_fits(encoder.num_tokens, image_size)
-    _denoiser_on_meta(cfg, image_channels, image_size, dataset.num_classes)
+    denoiser = _denoiser_on_meta(cfg, image_channels, image_size, dataset.num_classes)
+    from .init_from import starts_fresh
+
+    if cfg.model.init_from and starts_fresh(cfg):  # a resumed run ignores it (its own checkpoint wins)
+        _check_init_from(cfg, denoiser)
+
+
+def _check_init_from(cfg: TrainConfig, denoiser: torch.nn.Module) -> None:
+    """model.init_from: read safely (memory-mapped: only the shapes are looked at) and fit key for key, shape for
+    shape to the configured denoiser (and, for our checkpoints, the projector's settings)."""
+    from .init_from import check_projector_fits, fit_denoiser_weights, read_init_weights
+
+    weights = read_init_weights(cfg.model.init_from, cfg.model.init_weights)
+    fit_denoiser_weights(weights, denoiser, cfg.model.name)
+    check_projector_fits(weights, cfg)
 
 
 def _check_pca_file(cfg: TrainConfig) -> None:
@@ -102,13 +117,13 @@ def _encoder_on_meta(cfg: TrainConfig, data_channels: int):
     return encoder
 
 
-def _denoiser_on_meta(cfg: TrainConfig, image_channels: int, image_size: int, num_classes: int) -> None:
+def _denoiser_on_meta(cfg: TrainConfig, image_channels: int, image_size: int, num_classes: int) -> torch.nn.Module:
     from .builders import build_denoiser
 
     channels = image_channels + cfg.method.projector.channels  # what the objective feeds the denoiser
     try:
         with torch.device("meta"):
-            build_denoiser(cfg, channels, image_size, num_classes)
+            return build_denoiser(cfg, channels, image_size, num_classes)
     except (TypeError, ValueError) as error:
         where = "model.overrides" if cfg.model.overrides else "model.name / data.image_size"
         raise ValueError(f"{where}: {error}") from None

@@ -21,7 +21,7 @@ FIXED_ON_RESUME = (
     "method.prediction", "run.seed",
 )
 # Fields that say how this invocation runs, not what is trained: never reported.
-NOT_REPORTED = ("run.resume", "run.overwrite")
+NOT_REPORTED = ("run.resume", "run.overwrite", "model.init_from", "model.init_weights")  # these two: fresh runs only
 HYPERPARAMETERS = ("lr", "base_lr", "betas", "eps", "weight_decay")
 
 
