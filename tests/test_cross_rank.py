@@ -29,6 +29,9 @@ def _worker(rank, port, x, grad_out, result_queue):
         loss.backward()
         result_queue.put((rank,) + tuple(t.detach().numpy().copy() for t in
                                          (out, part.grad, norm.running_mean, norm.running_var, cov)))
+        # Both ranks reach here before either tears gloo down: a rank that destroys the group while its peer still
+        # has traffic in flight can abort the peer ("terminate called without an active exception", seen on CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

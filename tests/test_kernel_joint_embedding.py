@@ -396,6 +396,7 @@ def _distributed_worker(rank, port, case, inputs, cots, backend_name, queue):
         outputs = {k: getattr(out, k).detach().numpy().copy() for k in OUTPUTS + ("count",)}
         queue.put((rank, outputs, running_mean.numpy().copy(), running_var.numpy().copy(),
                    {n: g.numpy().copy() for n, g in zip(names, grads, strict=True)}))  # fmt: skip
+        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_cross_rank.py)
     finally:
         dist.destroy_process_group()
 
