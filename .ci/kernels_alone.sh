@@ -9,7 +9,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 KERNELS_VENV=${KERNELS_VENV:-.venv-kernels}
 DIST=build/kernels-dist
-export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
 unset PYTHONPATH   # nothing of the checkout may leak in
 started=$SECONDS
 
@@ -25,7 +25,8 @@ WHEEL=$(ls "$DIST"/coredi_kernels-*.whl)
 
 # The tests and their helpers, copied out of the checkout.
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+# The venv (~5.5 GB of torch) and the copied tests are this check's alone: nothing of them outlives it.
+trap 'rm -rf "$WORK" "$ROOT/$KERNELS_VENV"' EXIT
 for f in tests/*.py; do
     case $(basename "$f") in test_kernel_*|conftest.py) cp "$f" "$WORK"/ ;; test_*) ;; *) cp "$f" "$WORK"/ ;; esac
 done
