@@ -556,6 +556,7 @@ def _public_model_config(state_dict: dict, args) -> Tuple[dict, SamplingSpec]:
 def load_sampling_model(args) -> Tuple[nn.Module, SamplingSpec]:
     """Build the denoiser from `args.ckpt` (ours or public) on the CPU and load its (EMA) weights."""
     from .models import create_model
+    from .models.sit import REPA_HEAD_PREFIXES
     from .training.checkpoint import load_denoiser_weights, strip_wrapper_prefixes
 
     try:
@@ -564,7 +565,7 @@ def load_sampling_model(args) -> Tuple[nn.Module, SamplingSpec]:
         raise SamplingArgumentError(f"--ckpt: {e}") from None
     state_dict = strip_wrapper_prefixes(state_dict)
     # REPA's alignment projectors (`projectors.*`; ReDi+REPA names its one `projector.*`) only serve a training loss.
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("projectors.", "projector."))}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REPA_HEAD_PREFIXES)}
     ours = bool(info.get("model_config") and info.get("config"))
     if ours and args.time_convention != "sit":
         raise SamplingArgumentError(f"--time-convention {args.time_convention}: this package's checkpoints use "

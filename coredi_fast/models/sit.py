@@ -289,6 +289,11 @@ class SiT(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+# Key prefixes of REPA's alignment heads: ReDi+REPA's one `projector`, REPA's list `projectors`. They serve only
+# REPA's training loss; loaders that do not train it drop them.
+REPA_HEAD_PREFIXES = ("projector.", "projectors.")
+
+
 def convert_redi_state_dict(state_dict: dict) -> dict:
     """ReDi's SiT (zelaki/ReDi models.py, `repa_loss=True`) names its one REPA head `projector` (an
     nn.Sequential Linear-SiLU-Linear-SiLU-Linear, `build_mlp(hidden, 2048, 768)`, applied after block

@@ -40,10 +40,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..models.sit import REPA_HEAD_PREFIXES, convert_redi_state_dict
 from .checkpoint import FORMAT, read_weights_file, resume_candidates, strip_wrapper_prefixes
 from .config import TrainConfig
 
-REPA_HEADS = ("projector.", "projectors.")  # ReDi+REPA's one head, REPA's list of heads
 # Projector settings that change its state dict's layout or meaning; they must match our checkpoint's to load its W.
 PROJECTOR_LAYOUT = ("mode", "feature_dim", "dim", "norm", "norm_affine")
 
@@ -106,10 +106,8 @@ def fit_denoiser_weights(weights: InitWeights, model: nn.Module, model_name: str
     """(the state dict to load into `model` strictly, the REPA head keys dropped). A model on the meta device works
     (only shapes are compared). Raises ValueError naming model.init_from and the first mismatching keys."""
     state = weights.denoiser
-    heads = [k for k in state if k.startswith(REPA_HEADS)]
+    heads = [k for k in state if k.startswith(REPA_HEAD_PREFIXES)]
     if hasattr(model, "projectors"):  # built with projector_dims: keep the heads, ReDi's under REPA's name
-        from ..models.sit import convert_redi_state_dict
-
         state, dropped = convert_redi_state_dict(state), []
     else:
         state, dropped = {k: v for k, v in state.items() if k not in heads}, heads
